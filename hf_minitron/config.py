@@ -1,0 +1,126 @@
+"""`MinitronPruneConfig`: what to prune to, and how importance is measured."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from transformers.utils import PushToHubMixin
+
+
+CONFIG_NAME = "minitron_prune_config.json"
+
+AGGREGATIONS = ("l2", "mean", "var")
+DEPTH_CRITERIA = ("block_importance", "perplexity")
+TARGET_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+
+
+@dataclass
+class MinitronPruneConfig(PushToHubMixin):
+    """Target shape and importance settings for Minitron structured pruning.
+
+    Target fields mirror the Hugging Face config names; ``None`` keeps the source model's value.
+
+    Args:
+        hidden_size: Target embedding / residual width (must stay a multiple of the target head count).
+        intermediate_size: Target MLP width (the same for every layer).
+        num_attention_heads: Target query heads; a multiple of the target ``num_key_value_heads``.
+        num_key_value_heads: Target KV heads (whole KV groups are dropped with their query heads).
+        num_hidden_layers: Target depth; layers are ranked by ``depth_criterion``.
+        layers_to_drop: Explicit source layer indices to remove (overrides ranking).
+        batch_aggregation: How per-sample scores are reduced over samples: ``"l2"``, ``"mean"`` or ``"var"``.
+        sequence_aggregation: How per-token activations are reduced over a sample's tokens.
+        depth_criterion: ``"block_importance"`` (1 - cos(in, out), same pass as width scores) or
+            ``"perplexity"`` (one extra pass over the calibration data per layer).
+        rescale_norms: After hidden pruning, multiply every norm's gain by sqrt(H_old / H_new), so the RMS
+            over the kept channels matches the RMS over all of them when the dropped channels are small.
+        num_calibration_samples: Calibration sequences to use (the papers use 1024).
+        calibration_seq_length: Tokens per calibration sequence when text is tokenized for you.
+        calibration_batch_size: Sequences per forward pass.
+
+    Example:
+        >>> from hf_minitron import MinitronPruneConfig
+        >>> config = MinitronPruneConfig(hidden_size=432, intermediate_size=1024)
+        >>> config.save_pretrained("prune_config")  # doctest: +SKIP
+        >>> MinitronPruneConfig.from_pretrained("prune_config").hidden_size  # doctest: +SKIP
+        432
+    """
+
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    num_hidden_layers: int | None = None
+    layers_to_drop: list[int] | None = None
+    batch_aggregation: str = "l2"
+    sequence_aggregation: str = "mean"
+    depth_criterion: str = "block_importance"
+    rescale_norms: bool = True
+    num_calibration_samples: int = 1024
+    calibration_seq_length: int = 512
+    calibration_batch_size: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in TARGET_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        for name in ("batch_aggregation", "sequence_aggregation"):
+            if getattr(self, name) not in AGGREGATIONS:
+                raise ValueError(f"`{name}` must be one of {AGGREGATIONS}, got {getattr(self, name)!r}.")
+        if self.depth_criterion not in DEPTH_CRITERIA:
+            raise ValueError(f"`depth_criterion` must be one of {DEPTH_CRITERIA}, got {self.depth_criterion!r}.")
+        if self.layers_to_drop is not None:
+            drop = list(self.layers_to_drop)
+            if any(not isinstance(i, int) or i < 0 for i in drop) or len(set(drop)) != len(drop):
+                raise ValueError(f"`layers_to_drop` must be distinct non-negative layer indices, got {drop}.")
+            self.layers_to_drop = sorted(drop)
+        for name in ("num_calibration_samples", "calibration_seq_length", "calibration_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.calibration_seq_length < 2:
+            raise ValueError("`calibration_seq_length` must be >= 2 tokens.")
+
+    @property
+    def prunes_depth(self) -> bool:
+        return self.num_hidden_layers is not None or bool(self.layers_to_drop)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MinitronPruneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown MinitronPruneConfig field(s) {unknown}; valid fields are {sorted(known)}.")
+        return cls(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the config as ``minitron_prune_config.json`` in ``save_directory``."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` ({save_directory}) must be a directory, not a file.")
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> "MinitronPruneConfig":
+        """Load from a local folder / JSON file, or from a Hub repo (``hf_hub_download``)."""
+        path = str(path)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        if os.path.isfile(path):
+            file = path
+        elif os.path.isdir(path):
+            file = os.path.join(path, CONFIG_NAME)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        with open(file, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
