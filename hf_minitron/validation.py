@@ -18,7 +18,8 @@ def check_prunable_model(model: nn.Module) -> ArchitectureLayout:
     """Validate ``model`` and return its layout; strip a dequantized GGUF's ``quantization_config``.
 
     Raises:
-        ValueError: unsupported architecture, quantized weights, or weights on the meta device.
+        ValueError: unsupported architecture (or a module layout that does not match the registered one),
+            quantized weights, or weights on the meta device.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -40,7 +41,7 @@ def check_prunable_model(model: nn.Module) -> ArchitectureLayout:
                 model.is_quantized = False
             except AttributeError:
                 pass
-    elif quant is not None or non_float or getattr(model, "is_quantized", False):
+    elif quant is not None or non_float or getattr(model, "hf_quantizer", None) is not None:
         raise ValueError(
             f"The model is quantized ({quant_method or ', '.join(non_float)}); structured pruning needs float "
             "weights. Load it in bf16/fp16/fp32 (without `quantization_config` / `load_in_4bit` / `load_in_8bit`), "
@@ -53,4 +54,5 @@ def check_prunable_model(model: nn.Module) -> ArchitectureLayout:
             f"{len(meta)} weights are on the meta device (e.g. {meta[0]}): load the model with real weights "
             "(no `device_map` disk offload, no `init_empty_weights`) before estimating importance or pruning."
         )
+    layout.check_model(model)
     return layout

@@ -1,7 +1,19 @@
-"""Architecture registry: one small data entry per model family."""
+"""Architecture registry: one small data entry per model family, plus a generic Llama-like fallback."""
 
-from .layout import NORM_KINDS, ArchitectureLayout
-from .registry import get_layout, register_layout, supported_model_types
+from .generic import infer_layout, probe_norm_kind
+from .layout import EMBED_SCALES, NORM_KINDS, QK_NORM_SCOPES, ArchitectureLayout
+from .registry import BUILTIN_LAYOUTS, get_layout, register_layout, supported_model_types
 
 
-__all__ = ["ArchitectureLayout", "NORM_KINDS", "get_layout", "register_layout", "supported_model_types"]
+__all__ = [
+    "ArchitectureLayout",
+    "BUILTIN_LAYOUTS",
+    "EMBED_SCALES",
+    "NORM_KINDS",
+    "QK_NORM_SCOPES",
+    "get_layout",
+    "infer_layout",
+    "probe_norm_kind",
+    "register_layout",
+    "supported_model_types",
+]

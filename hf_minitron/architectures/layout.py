@@ -15,21 +15,47 @@ import torch
 from torch import nn
 
 
-# How a norm layer applies its weight. Rescaling after hidden pruning multiplies the *effective* scale.
-NORM_KINDS = ("rms", "rms_one_plus", "layernorm")
+# How a norm layer applies its weight (``x_hat`` is the RMS- or mean/std-normalised input):
+#   "rms":                x_hat * w                 (Llama, Mistral, Qwen, Phi-3, OLMo2, Granite)
+#   "rms_one_plus":       x_hat * (1 + w)           (Gemma 1/2/3)
+#   "layernorm":          x_hat * w + b
+#   "layernorm_one_plus": x_hat * (1 + w) + b       (Nemotron's LayerNorm1P)
+# Rescaling after hidden pruning multiplies the *effective* gain, so the weight update depends on the kind.
+NORM_KINDS = ("rms", "rms_one_plus", "layernorm", "layernorm_one_plus")
+
+# Where per-layer q/k norms apply:
+#   "head":       weight [head_dim], shared by every head (Qwen3, Gemma3): untouched by any pruning.
+#   "projection": weight [heads * head_dim] over the whole projection (OLMo2): sliced with the kept heads,
+#                 and, being an RMS over all heads, rescaled like a hidden-axis norm when heads are dropped.
+QK_NORM_SCOPES = ("head", "projection")
+
+# How the token embedding output is scaled at forward time:
+#   None:          not scaled (or by a config scalar that does not depend on sizes, e.g. Granite's multiplier).
+#   "sqrt_hidden": multiplied by sqrt(hidden_size), computed from the config at construction (Gemma 1/2/3).
+EMBED_SCALES = (None, "sqrt_hidden")
+
+# Sizes a module attribute can mirror (see ``attention_attributes`` and friends).
+SIZE_NAMES = ("hidden", "intermediate", "heads", "kv_heads", "kv_groups")
 
 
 @dataclass(frozen=True)
 class ArchitectureLayout:
-    """Where the parts of one model family live, as dotted module paths.
+    """Where the parts of one model family live, as dotted module paths, and how they behave.
 
     Paths under ``layers`` are relative to one decoder layer; the others are relative to the
     ``*ForCausalLM`` model. Optional pieces are ``None`` when the family does not have them.
+
+    Attention is either separate ``q_proj``/``k_proj``/``v_proj`` or one fused ``qkv_proj`` whose output rows
+    are ``[q (heads * head_dim); k (kv_heads * head_dim); v (kv_heads * head_dim)]`` (Phi-3). The MLP is
+    gated (``gate_proj`` + ``up_proj``), fused gated (``gate_up_proj`` with rows ``[gate; up]``, Phi-3), or
+    non-gated (only ``up_proj``, Nemotron).
 
     Example:
         >>> from hf_minitron.architectures import get_layout
         >>> get_layout("llama").o_proj
         'self_attn.o_proj'
+        >>> get_layout("phi3").qkv_proj
+        'self_attn.qkv_proj'
     """
 
     model_types: tuple[str, ...]
@@ -39,20 +65,31 @@ class ArchitectureLayout:
     layers: str = "model.layers"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
-    # Attention (relative to one decoder layer).
+    # Attention (relative to one decoder layer). Set ``qkv_proj`` and ``q/k/v_proj=None`` for a fused projection.
     attention: str = "self_attn"
-    q_proj: str = "self_attn.q_proj"
-    k_proj: str = "self_attn.k_proj"
-    v_proj: str = "self_attn.v_proj"
+    q_proj: str | None = "self_attn.q_proj"
+    k_proj: str | None = "self_attn.k_proj"
+    v_proj: str | None = "self_attn.v_proj"
+    qkv_proj: str | None = None
     o_proj: str = "self_attn.o_proj"
-    # MLP (relative to one decoder layer). ``gate_proj`` is None for a non-gated MLP.
+    q_norm: str | None = None
+    k_norm: str | None = None
+    qk_norm_scope: str = "head"
+    # MLP (relative to one decoder layer). ``gate_proj`` is None for a non-gated MLP; for a fused gated MLP set
+    # ``gate_up_proj`` and ``gate_proj=up_proj=None``.
     mlp: str = "mlp"
     gate_proj: str | None = "mlp.gate_proj"
-    up_proj: str = "mlp.up_proj"
+    up_proj: str | None = "mlp.up_proj"
+    gate_up_proj: str | None = None
     down_proj: str = "mlp.down_proj"
-    # Norms whose output feeds attention/MLP or the residual stream (relative to one decoder layer).
+    # Every per-layer norm whose output lives on the hidden axis: pre-norms feeding attention/MLP and post-norms
+    # whose output is added to the residual (Gemma2/3, OLMo2). Their outputs are the hidden-channel evidence.
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     norm_kind: str = "rms"
+    # Embedding scale that depends on hidden_size (see EMBED_SCALES); the attributes of the embedding module
+    # that cache it (a non-persistent buffer and/or a float), rewritten after hidden pruning.
+    embed_scale: str | None = None
+    embed_scale_attributes: tuple[str, ...] = ("embed_scale", "scalar_embed_scale")
     # Config field names.
     hidden_size_field: str = "hidden_size"
     intermediate_size_field: str = "intermediate_size"
@@ -62,20 +99,45 @@ class ArchitectureLayout:
     head_dim_field: str = "head_dim"
     # Config lists with one entry per layer, re-indexed on depth pruning.
     per_layer_config_fields: tuple[str, ...] = ("layer_types",)
-    # Module attributes that cache sizes and must follow the new shapes. Each maps an attribute name
-    # to the size it mirrors ("hidden", "intermediate", "heads", "kv_heads", "kv_groups").
+    # Module attributes that cache sizes and must follow the new shapes. Each maps an attribute name to the
+    # size it mirrors (one of SIZE_NAMES). Attributes a module does not have are skipped.
     attention_attributes: dict[str, str] = field(
-        default_factory=lambda: {"num_key_value_groups": "kv_groups", "num_heads": "heads", "num_key_value_heads": "kv_heads"}
+        default_factory=lambda: {
+            "num_key_value_groups": "kv_groups",
+            "num_heads": "heads",
+            "num_key_value_heads": "kv_heads",
+            "hidden_size": "hidden",
+        }
     )
     mlp_attributes: dict[str, str] = field(
         default_factory=lambda: {"hidden_size": "hidden", "intermediate_size": "intermediate"}
     )
+    layer_attributes: dict[str, str] = field(default_factory=lambda: {"hidden_size": "hidden"})
 
     def __post_init__(self) -> None:
         if self.norm_kind not in NORM_KINDS:
             raise ValueError(f"norm_kind must be one of {NORM_KINDS}, got {self.norm_kind!r}.")
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(f"qk_norm_scope must be one of {QK_NORM_SCOPES}, got {self.qk_norm_scope!r}.")
+        if self.embed_scale not in EMBED_SCALES:
+            raise ValueError(f"embed_scale must be one of {EMBED_SCALES}, got {self.embed_scale!r}.")
+        separate = (self.q_proj, self.k_proj, self.v_proj)
+        if (self.qkv_proj is None) == (None in separate) or (self.qkv_proj is not None and any(separate)):
+            raise ValueError("Set either q_proj, k_proj and v_proj, or a fused qkv_proj (and q/k/v_proj=None).")
+        if self.gate_up_proj is not None and (self.gate_proj is not None or self.up_proj is not None):
+            raise ValueError("A fused gate_up_proj replaces gate_proj and up_proj: set those to None.")
+        if self.gate_up_proj is None and self.up_proj is None:
+            raise ValueError("The MLP needs an up_proj (non-gated / gated) or a fused gate_up_proj.")
+        for name in ("attention_attributes", "mlp_attributes", "layer_attributes"):
+            bad = {k: v for k, v in getattr(self, name).items() if v not in SIZE_NAMES}
+            if bad:
+                raise ValueError(f"{name} values must be in {SIZE_NAMES}, got {bad}.")
 
     # ------------------------------------------------------------------ access helpers
+    @property
+    def family(self) -> str:
+        return self.model_types[0]
+
     def get(self, root: nn.Module, path: str | None) -> nn.Module | None:
         """Return the sub-module at dotted ``path`` of ``root`` (``None`` if ``path`` is ``None``)."""
         if path is None:
@@ -110,6 +172,10 @@ class ArchitectureLayout:
         }
 
     def write_sizes(self, config, sizes: dict[str, int]) -> None:
+        """Rewrite the config's sizes. ``head_dim`` is always written: the pruned hidden/heads ratio differs
+        from ``head_dim`` in general, and families without a ``head_dim`` field (Phi-3, OLMo2, Granite) read
+        it with ``getattr(config, "head_dim", hidden_size // num_attention_heads)``, so it is saved as an extra
+        config attribute and honoured on reload."""
         setattr(config, self.hidden_size_field, sizes["hidden_size"])
         setattr(config, self.intermediate_size_field, sizes["intermediate_size"])
         setattr(config, self.num_heads_field, sizes["num_attention_heads"])
@@ -117,12 +183,104 @@ class ArchitectureLayout:
         setattr(config, self.num_layers_field, sizes["num_hidden_layers"])
         setattr(config, self.head_dim_field, sizes["head_dim"])
 
+    def check_model(self, model: nn.Module) -> None:
+        """Check every path of this layout exists and has the shape the config's sizes imply.
+
+        Raises:
+            ValueError: naming the first module that is missing or mis-shaped.
+        """
+        s = self.read_sizes(model.config)
+        hidden, inter, hd = s["hidden_size"], s["intermediate_size"], s["head_dim"]
+        q_width, kv_width = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
+        where = f"The {self.family!r} layout does not match this {type(model).__name__}"
+
+        def shape(root: nn.Module, path: str, prefix: str = "") -> tuple[int, ...]:
+            try:
+                module = root.get_submodule(path)
+            except AttributeError:
+                raise ValueError(f"{where}: no module `{prefix}{path}`.") from None
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                raise ValueError(f"{where}: `{prefix}{path}` has no weight.")
+            return tuple(weight.shape)
+
+        def expect(root: nn.Module, path: str | None, expected: tuple[int, ...], prefix: str = "") -> None:
+            if path is not None and shape(root, path, prefix) != expected:
+                raise ValueError(
+                    f"{where}: `{prefix}{path}` has weight shape {shape(root, path, prefix)}, expected {expected} "
+                    f"from the config sizes {s}."
+                )
+
+        expect(model, self.embed_tokens, (model.get_submodule(self.embed_tokens).weight.shape[0], hidden))
+        expect(model, self.final_norm, (hidden,))
+        layers = self.decoder_layers(model)
+        if len(layers) != s["num_hidden_layers"]:
+            raise ValueError(f"{where}: {len(layers)} layers in `{self.layers}`, config says {s['num_hidden_layers']}.")
+        qk_norm = {"head": (hd, hd), "projection": (q_width, kv_width)}[self.qk_norm_scope]
+        for i, layer in enumerate(layers):
+            p = f"{self.layers}.{i}."
+            expect(layer, self.q_proj, (q_width, hidden), p)
+            expect(layer, self.k_proj, (kv_width, hidden), p)
+            expect(layer, self.v_proj, (kv_width, hidden), p)
+            expect(layer, self.qkv_proj, (q_width + 2 * kv_width, hidden), p)
+            expect(layer, self.o_proj, (hidden, q_width), p)
+            expect(layer, self.q_norm, (qk_norm[0],), p)
+            expect(layer, self.k_norm, (qk_norm[1],), p)
+            expect(layer, self.gate_proj, (inter, hidden), p)
+            expect(layer, self.up_proj, (inter, hidden), p)
+            expect(layer, self.gate_up_proj, (2 * inter, hidden), p)
+            expect(layer, self.down_proj, (hidden, inter), p)
+            for name in self.layer_norms:
+                expect(layer, name, (hidden,), p)
+            for path in (self.attention, self.mlp):
+                try:
+                    layer.get_submodule(path)
+                except AttributeError:
+                    raise ValueError(f"{where}: no module `{p}{path}`.") from None
+
+    @property
+    def linear_paths(self) -> tuple[str, ...]:
+        """Every attention and MLP projection of a decoder layer (fused ones included), e.g. for LoRA targets."""
+        paths = (self.q_proj, self.k_proj, self.v_proj, self.qkv_proj, self.o_proj,
+                 self.gate_proj, self.up_proj, self.gate_up_proj, self.down_proj)
+        return tuple(p for p in paths if p is not None)
+
+    def up_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The MLP's up-projection weight ``[intermediate, hidden]`` (the second half of a fused ``gate_up_proj``)."""
+        if self.gate_up_proj is not None:
+            weight = layer.get_submodule(self.gate_up_proj).weight
+            return weight[weight.shape[0] // 2 :]
+        return layer.get_submodule(self.up_proj).weight
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """A norm's effective per-channel gain: ``w``, or ``1 + w`` for Gemma / Nemotron norms."""
+        return norm.weight + 1.0 if self.norm_one_plus else norm.weight
+
+    def embed_scale_value(self, hidden_size: int) -> float | None:
+        """The forward-time embedding multiplier for ``hidden_size`` (``None``: not size-dependent)."""
+        if self.embed_scale == "sqrt_hidden":
+            return float(hidden_size**0.5)
+        return None
+
     # ------------------------------------------------------------------ norm math
+    @property
+    def norm_one_plus(self) -> bool:
+        """Whether norms apply ``(1 + w)`` rather than ``w``."""
+        return self.norm_kind.endswith("one_plus")
+
     @torch.no_grad()
-    def scale_norm(self, norm: nn.Module, factor: float) -> None:
-        """Multiply a norm's effective gain by ``factor`` (bias untouched: it is added after the gain)."""
-        if self.norm_kind == "rms_one_plus":
+    def scale_norm(self, norm: nn.Module, factor: float, include_bias: bool = False) -> None:
+        """Multiply a norm's effective gain by ``factor``.
+
+        With ``include_bias=False`` (rescaling after pruning) a LayerNorm bias is untouched: it is added after
+        the gain and does not depend on the channel count. With ``include_bias=True`` the whole output is
+        scaled (``y -> factor * y``), used to fold an exact constant into the norm.
+        """
+        if self.norm_one_plus:
             # y = x_hat * (1 + w)  ->  (1 + w') = factor * (1 + w)
             norm.weight.mul_(factor).add_(factor - 1.0)
         else:
             norm.weight.mul_(factor)
+        bias = getattr(norm, "bias", None)
+        if include_bias and isinstance(bias, torch.Tensor):
+            bias.mul_(factor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -59,8 +60,22 @@ def _drop_layers(model: nn.Module, layout: ArchitectureLayout, keep: list[int]) 
             setattr(config, name, [values[i] for i in keep])
 
 
+def _fused_rows(blocks: list[tuple[list[int] | None, int]]) -> list[int] | None:
+    """Kept rows of a fused projection made of consecutive blocks ``(kept rows within the block, block size)``.
+
+    ``None`` for a block keeps all of its rows; the result is ``None`` when every block is kept whole.
+    """
+    if all(kept is None for kept, _ in blocks):
+        return None
+    rows, offset = [], 0
+    for kept, size in blocks:
+        rows.extend(offset + r for r in (range(size) if kept is None else kept))
+        offset += size
+    return rows
+
+
 @torch.no_grad()
-def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: PrunePlan, i: int) -> None:
+def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: PrunePlan, i: int, rescale_norms: bool) -> None:
     """Slice one decoder layer's attention, MLP and norms to the plan's ``i``-th kept layer."""
     source, target = plan.source_sizes, plan.target_sizes
     head_dim = source["head_dim"]
@@ -68,11 +83,33 @@ def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: Prune
     heads = expand_heads(plan.heads[i], head_dim) if plan.heads[i] != list(range(source["num_attention_heads"])) else None
     kv = expand_heads(plan.kv_heads[i], head_dim) if plan.kv_heads[i] != list(range(source["num_key_value_heads"])) else None
     neurons = plan.neurons[i] if target["intermediate_size"] != source["intermediate_size"] else None
+    q_width, kv_width = source["num_attention_heads"] * head_dim, source["num_key_value_heads"] * head_dim
+    intermediate = source["intermediate_size"]
 
-    slice_linear(layer.get_submodule(layout.q_proj), out_idx=heads, in_idx=hidden)
-    slice_linear(layer.get_submodule(layout.k_proj), out_idx=kv, in_idx=hidden)
-    slice_linear(layer.get_submodule(layout.v_proj), out_idx=kv, in_idx=hidden)
+    # Attention: query rows follow the kept heads, key/value rows the kept KV groups; inputs the kept hidden.
+    if layout.qkv_proj is not None:
+        rows = _fused_rows([(heads, q_width), (kv, kv_width), (kv, kv_width)])
+        slice_linear(layer.get_submodule(layout.qkv_proj), out_idx=rows, in_idx=hidden)
+    else:
+        slice_linear(layer.get_submodule(layout.q_proj), out_idx=heads, in_idx=hidden)
+        slice_linear(layer.get_submodule(layout.k_proj), out_idx=kv, in_idx=hidden)
+        slice_linear(layer.get_submodule(layout.v_proj), out_idx=kv, in_idx=hidden)
     slice_linear(layer.get_submodule(layout.o_proj), out_idx=hidden, in_idx=heads)
+    if layout.qk_norm_scope == "projection":
+        # A norm over the whole projection (OLMo2) has one weight per kept row, and its RMS now runs over fewer
+        # heads: rescale like a hidden-axis norm (exact when the dropped heads' rows were zero).
+        for path, rows, width in ((layout.q_norm, heads, q_width), (layout.k_norm, kv, kv_width)):
+            if path is not None and rows is not None:
+                norm = layer.get_submodule(path)
+                slice_norm(norm, rows)
+                if rescale_norms:
+                    layout.scale_norm(norm, math.sqrt(width / len(rows)))
+    # Per-head q/k norms ([head_dim], shared by all heads) need nothing: head_dim never changes.
+
+    # MLP: gate/up rows and down columns follow the kept neurons.
+    if layout.gate_up_proj is not None:
+        rows = _fused_rows([(neurons, intermediate), (neurons, intermediate)])
+        slice_linear(layer.get_submodule(layout.gate_up_proj), out_idx=rows, in_idx=hidden)
     for path in (layout.gate_proj, layout.up_proj):
         if path is not None:
             slice_linear(layer.get_submodule(path), out_idx=neurons, in_idx=hidden)
@@ -88,11 +125,40 @@ def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: Prune
         "kv_heads": target["num_key_value_heads"],
         "kv_groups": target["num_attention_heads"] // target["num_key_value_heads"],
     }
-    for path, attributes in ((layout.attention, layout.attention_attributes), (layout.mlp, layout.mlp_attributes)):
-        module = layer.get_submodule(path)
+    for module, attributes in (
+        (layer.get_submodule(layout.attention), layout.attention_attributes),
+        (layer.get_submodule(layout.mlp), layout.mlp_attributes),
+        (layer, layout.layer_attributes),
+    ):
         for attr, size in attributes.items():
-            if hasattr(module, attr):
+            if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, sizes[size])
+
+
+@torch.no_grad()
+def _compensate_embedding_scale(model: nn.Module, layout: ArchitectureLayout, source: dict, target: dict, tied: bool) -> None:
+    """Keep the token embeddings' output exact when their forward-time scale depends on hidden_size.
+
+    Gemma multiplies embeddings by sqrt(hidden_size), recomputed from the config on reload. Multiplying the kept
+    embedding rows by c = scale(H_old) / scale(H_new) leaves ``W[token] * scale`` unchanged. A tied ``lm_head``
+    shares those rows, so its logits would grow by c: the final norm's output (which only feeds ``lm_head``) is
+    divided by c instead, which makes the logits exact too. The one visible difference, for tied models only, is
+    that the final hidden state (``last_hidden_state``) is 1/c times what it would otherwise be.
+    """
+    old, new = layout.embed_scale_value(source["hidden_size"]), layout.embed_scale_value(target["hidden_size"])
+    if old is None or old == new:
+        return
+    embed = model.get_submodule(layout.embed_tokens)
+    factor = old / new
+    embed.weight.mul_(factor)
+    for attr in layout.embed_scale_attributes:
+        value = getattr(embed, attr, None)
+        if isinstance(value, torch.Tensor):
+            value.fill_(new)
+        elif isinstance(value, float):
+            setattr(embed, attr, new)
+    if tied:
+        layout.scale_norm(model.get_submodule(layout.final_norm), 1.0 / factor, include_bias=True)
 
 
 @torch.no_grad()
@@ -102,7 +168,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout, re
     if plan.layers != list(range(source["num_hidden_layers"])):
         _drop_layers(model, layout, plan.layers)
     for i, layer in enumerate(layout.decoder_layers(model)):
-        _prune_layer_width(layer, layout, plan, i)
+        _prune_layer_width(layer, layout, plan, i, rescale_norms)
 
     if target["hidden_size"] != source["hidden_size"]:
         embed = model.get_submodule(layout.embed_tokens)
@@ -115,6 +181,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout, re
             slice_linear(lm_head, in_idx=plan.hidden)
         lm_head.in_features = target["hidden_size"]
         slice_norm(model.get_submodule(layout.final_norm), plan.hidden)
+        _compensate_embedding_scale(model, layout, source, target, tied)
         if rescale_norms:
             # RMS over H_new kept channels vs H_old: if the dropped channels carry ~no energy, the kept
             # ones' RMS is sqrt(H_old / H_new) larger, shrinking every normalised output; undo that.
@@ -123,6 +190,52 @@ def apply_plan(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout, re
                 layout.scale_norm(norm, factor)
 
     layout.write_sizes(model.config, target)
+
+
+def check_plan_reloads(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout) -> None:
+    """Dry-run ``plan`` on a weightless (meta-device) copy and check stock transformers rebuilds the same shapes.
+
+    A model class built from the pruned config must create every parameter with the shape pruning produces,
+    or ``from_pretrained`` would refuse (or silently re-initialise) the weights. Some families tie sizes the
+    registry cannot change independently (e.g. Helium builds ``o_proj`` as hidden x hidden). Runs before any real
+    weight is touched, costs no memory, and is skipped with a warning if the class cannot be built on meta.
+
+    Raises:
+        ValueError: listing the first mismatched parameters.
+    """
+    cls = type(model)
+    try:
+        with torch.device("meta"):
+            shadow = cls(copy.deepcopy(model.config))
+        apply_plan(shadow, plan, layout, rescale_norms=False)
+    except Exception as err:  # noqa: BLE001 - a best-effort check must not block pruning
+        logger.warning(f"Could not dry-run the pruned shapes of {cls.__name__} on the meta device ({err}); skipping the reload check.")
+        return
+    try:
+        # Round-trip the config through a dict, as `from_pretrained` does: runs the config's own validation
+        # (e.g. Phi-3 longrope factors sized from hidden_size // num_attention_heads) and its __post_init__.
+        reloaded_config = type(shadow.config).from_dict(shadow.config.to_dict())
+        with torch.device("meta"):
+            fresh = cls(reloaded_config)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(
+            f"The pruned {cls.__name__} would not reload with stock transformers: its pruned config fails to load "
+            f"({type(err).__name__}: {err}). Target sizes were {plan.target_sizes}. The model was not modified."
+        ) from err
+    pruned = {name: tuple(p.shape) for name, p in shadow.named_parameters()}
+    rebuilt = {name: tuple(p.shape) for name, p in fresh.named_parameters()}
+    mismatched = [
+        f"{name}: pruned {pruned.get(name)} vs rebuilt {rebuilt.get(name)}"
+        for name in sorted(set(pruned) | set(rebuilt))
+        if pruned.get(name) != rebuilt.get(name)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"The pruned {cls.__name__} would not reload with stock transformers: a model built from the pruned config "
+            f"has other shapes ({'; '.join(mismatched[:4])}{'; ...' if len(mismatched) > 4 else ''}). This family ties "
+            f"sizes together (e.g. num_attention_heads * head_dim == hidden_size); choose targets that keep them tied. "
+            f"Target sizes were {plan.target_sizes}. The model was not modified."
+        )
 
 
 def prune_model(
@@ -170,6 +283,7 @@ def prune_model(
             )
         importance = estimate_importance(model, calibration_data, config, tokenizer=tokenizer)
     plan = make_plan(config, source, importance)
+    check_plan_reloads(model, plan, layout)
     apply_plan(model, plan, layout, rescale_norms=config.rescale_norms)
     model.minitron_provenance = {
         "hf_minitron_version": __version__,
