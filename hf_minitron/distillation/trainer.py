@@ -1,0 +1,522 @@
+# Copyright 2026 The hf-minitron Authors. Apache-2.0.
+"""`DistillationTrainer`: off-policy logit + hidden-state distillation on a text corpus (Minitron recipe)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+from trl import SFTTrainer
+from trl.models.utils import _ForwardRedirection, prepare_deepspeed
+
+from .config import DistillationConfig
+from .losses import fused_linear_kd_loss, hidden_state_loss
+
+
+logger = logging.get_logger(__name__)
+
+PROJECTION_FILE = "minitron_projection.safetensors"
+PROVENANCE_FILE = "minitron_config.json"
+# Collator/bookkeeping keys that must not reach the models' forward
+_NON_MODEL_KEYS = ("labels", "shift_labels", "completion_mask", "assistant_masks", "num_items_in_batch")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The `PreTrainedModel` under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def get_provenance(model: nn.Module) -> dict | None:
+    """Pruning provenance of `model`: `model.minitron_provenance`, else `minitron_config.json` beside its weights."""
+    model = _base(model)
+    prov = getattr(model, "minitron_provenance", None)
+    if prov is not None:
+        return prov
+    for path in (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)):
+        if path and os.path.isfile(os.path.join(path, PROVENANCE_FILE)):
+            with open(os.path.join(path, PROVENANCE_FILE)) as f:
+                return json.load(f)
+    return None
+
+
+def resolve_layer_map(
+    num_student_layers: int,
+    num_teacher_layers: int,
+    layer_map: str | list = "auto",
+    provenance: dict | None = None,
+) -> list[tuple[int, int]]:
+    """`[(student_layer, teacher_layer), ...]` pairs compared by the hidden-state loss (0-based layer indices).
+
+    `"auto"`: the teacher layer each student layer was pruned from (`provenance["kept"]["layers"]`), else an even
+    spread `t = round((s + 1) · L_t / L_s) - 1` that always pairs the last layers. An explicit list holds one teacher
+    index per student layer (`None` or `-1` skips that layer) or `[student, teacher]` pairs.
+
+    Example:
+    ```python
+    >>> resolve_layer_map(2, 4)
+    [(0, 1), (1, 3)]
+    >>> resolve_layer_map(3, 4, provenance={"kept": {"layers": [0, 1, 3]}})
+    [(0, 0), (1, 1), (2, 3)]
+    ```
+    """
+    Ls, Lt = num_student_layers, num_teacher_layers
+    if layer_map == "auto":
+        kept = ((provenance or {}).get("kept") or {}).get("layers")
+        if kept is not None:
+            src = (provenance.get("source_config") or {}).get("num_hidden_layers")
+            if src is not None and src != Lt:
+                raise ValueError(
+                    f"The student's pruning provenance refers to a {src}-layer source model but the teacher has {Lt} "
+                    "layers; pass the teacher the student was pruned from or an explicit `hidden_state_layer_map`."
+                )
+            if len(kept) != Ls:
+                raise ValueError(
+                    f"Provenance `kept.layers` has {len(kept)} entries but the student has {Ls} layers; pass an "
+                    "explicit `hidden_state_layer_map`."
+                )
+            pairs = [(s, int(t)) for s, t in enumerate(kept)]
+        else:
+            pairs = [(s, max(0, min(Lt - 1, round((s + 1) * Lt / Ls) - 1))) for s in range(Ls)]
+    elif isinstance(layer_map, (list, tuple)):
+        if layer_map and all(isinstance(x, (list, tuple)) for x in layer_map):
+            pairs = [(int(s), int(t)) for s, t in layer_map]
+        else:
+            if len(layer_map) != Ls:
+                raise ValueError(
+                    f"`hidden_state_layer_map` has {len(layer_map)} entries but the student has {Ls} layers; give "
+                    "one teacher layer index per student layer (None or -1 to skip) or [student, teacher] pairs."
+                )
+            pairs = [(s, int(t)) for s, t in enumerate(layer_map) if t is not None and int(t) >= 0]
+    else:
+        raise ValueError(f"`hidden_state_layer_map` must be 'auto' or a list, got {layer_map!r}.")
+    for s, t in pairs:
+        if not (0 <= s < Ls and 0 <= t < Lt):
+            raise ValueError(f"Layer pair (student {s}, teacher {t}) is out of range ({Ls} / {Lt} layers).")
+    if not pairs:
+        raise ValueError("`hidden_state_layer_map` selects no layer.")
+    return pairs
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    decoder = _base(model).get_decoder() if hasattr(_base(model), "get_decoder") else None
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        if decoder is not None and isinstance(getattr(decoder, name, None), nn.Module):
+            return getattr(decoder, name)
+    return None
+
+
+def _full_param(p: torch.Tensor | None) -> torch.Tensor | None:
+    """A plain tensor for a (possibly FSDP2 DTensor) parameter."""
+    if p is not None and hasattr(p, "full_tensor"):
+        return p.full_tensor()
+    return p
+
+
+class _ProjectionGradSync(TrainerCallback):
+    """Gradient bookkeeping of the projection, which lives outside the (DDP-wrapped) student: before each optimizer
+    step its gradients are averaged over data-parallel ranks and clipped with `max_grad_norm`; after it they are
+    cleared (`Trainer` only zeroes the model's gradients)."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        proj = self.trainer.projection
+        if proj is None:
+            return
+        grads = [p.grad for p in proj.parameters() if p.grad is not None]
+        if not grads:
+            return
+        world = self.trainer.accelerator.num_processes
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            for g in grads:
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                g.div_(world)
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(proj.parameters()), args.max_grad_norm)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.projection is not None:
+            self.trainer.projection.zero_grad(set_to_none=True)
+
+
+class DistillationTrainer(SFTTrainer):
+    """Off-policy knowledge distillation of a (pruned) student from a teacher on a text corpus, à la Minitron.
+
+    Extends [`~trl.SFTTrainer`] (same datasets, collators, PEFT and packing support) with:
+
+    - a memory-bounded logit loss ([`fused_linear_kd_loss`]): forward KL (default), reverse KL or generalized JSD at
+      temperature τ, computed chunk by chunk from the final hidden states and the `lm_head` weights, plus an optional
+      cross-entropy term (`ce_weight`, default 0);
+    - an optional hidden-state loss (cosine or MSE) between post-norm hidden states of mapped layers, through one
+      learned `nn.Linear(H_student, H_teacher, bias=False)` shared across layers when the widths differ, weighted by a
+      fixed float or dynamically by α = L_logits / L_hidden;
+    - a frozen teacher in eval mode, run under `torch.no_grad()` and prepared by accelerate like TRL's `GKDTrainer`.
+
+    Tokens are selected by SFT's labels: positions whose next-token label is `-100` (padding, prompt in
+    completion-only training, non-assistant turns) are excluded. Every loss is summed over those tokens and divided
+    by the number of label tokens of the optimizer step (`num_items_in_batch`), i.e. a per-token mean that stays exact
+    under gradient accumulation. "Post-norm" hidden states are a layer's output passed through the model's final norm
+    (the last layer's output already is), so both models are compared at the scale their `lm_head` sees.
+
+    The projection belongs to the trainer: it is an extra optimizer parameter group, saved as
+    `checkpoint-*/minitron_projection.safetensors` and restored on resume; the saved student is a stock model.
+
+    Args:
+        model: The student (model or path), as in [`~trl.SFTTrainer`].
+        teacher_model: The teacher (model or path; `args.teacher_model_init_kwargs` when a path). It must share the
+            student's tokenizer; `lm_head`s padded beyond the tokenizer are compared on their common rows.
+        args ([`DistillationConfig`]): Training and distillation options.
+        Other arguments are those of [`~trl.SFTTrainer`].
+
+    Example:
+    ```python
+    >>> args = DistillationConfig("out", hidden_state_loss="cosine", max_steps=100)
+    >>> trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+    ...                               processing_class=tokenizer)
+    >>> trainer.train()
+    >>> trainer.save_model("student")  # a plain `AutoModelForCausalLM` checkpoint
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "distillation", "minitron"]
+    _name = "Minitron distillation"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        teacher_model: str | PreTrainedModel | nn.Module,
+        args: DistillationConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            args = DistillationConfig(f"{str(name).split('/')[-1] or 'student'}-Distill")
+        if not isinstance(args, DistillationConfig):
+            raise ValueError(f"`args` must be a `DistillationConfig`, got {type(args).__name__}.")
+        if teacher_model is None:
+            raise ValueError("`teacher_model` is required.")
+
+        if isinstance(teacher_model, str):
+            init_kwargs = dict(args.teacher_model_init_kwargs or {})
+            dtype = init_kwargs.get("dtype")
+            if isinstance(dtype, str) and dtype != "auto":
+                init_kwargs["dtype"] = getattr(torch, dtype)
+            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **init_kwargs)
+        elif args.teacher_model_init_kwargs is not None:
+            raise ValueError(
+                "You passed `teacher_model_init_kwargs` but the teacher is already instantiated; drop them or pass "
+                "the teacher as a path."
+            )
+
+        if processing_class is None:
+            processing_class = self._load_tokenizer(model, teacher_model)
+
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+
+        student = self.accelerator.unwrap_model(self.model)
+        self._check_lm_head(student)
+        self.kd_vocab_size = self._resolve_vocab(student, teacher_model)
+
+        # Frozen teacher: no grads, eval mode (dropout off), prepared like TRL's GKDTrainer
+        teacher_model.requires_grad_(False)
+        teacher_model.eval()
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model.eval()
+
+        # The chunked loss reads `lm_head.weight` after the backbone; running it inside the wrapper's forward keeps
+        # DDP's `prepare_for_backward` and FSDP/DeepSpeed parameter gathering consistent (as TRL does).
+        self._forward_redirection = _ForwardRedirection()
+
+        # Hidden-state loss: layer pairs and the trainer-owned projection
+        self.layer_pairs: list[tuple[int, int]] = []
+        self.projection: nn.Linear | None = None
+        if args.hidden_state_loss != "none":
+            s_cfg = _base(student).config.get_text_config()
+            t_cfg = teacher_model.config.get_text_config()
+            self.layer_pairs = resolve_layer_map(
+                s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, args.hidden_state_layer_map, get_provenance(student)
+            )
+            if s_cfg.hidden_size != t_cfg.hidden_size:
+                self.projection = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size, bias=False).to(
+                    device=self.accelerator.device, dtype=torch.float32
+                )
+            logger.info(f"Hidden-state distillation on (student, teacher) layers {self.layer_pairs}")
+        self.add_callback(_ProjectionGradSync(self))
+
+    # ----------------------------------------------------------------------------------------------- setup checks
+    @staticmethod
+    def _load_tokenizer(model, teacher_model):
+        """The shared tokenizer: from the student's checkpoint, else from the teacher's."""
+        from transformers import AutoTokenizer
+
+        sources = []
+        for m in (model, teacher_model):
+            src = m if isinstance(m, str) else getattr(getattr(m, "config", None), "_name_or_path", None)
+            if src and src not in sources:
+                sources.append(src)
+        for src in sources:
+            try:
+                return AutoTokenizer.from_pretrained(src)
+            except Exception:  # noqa: BLE001 - any loading failure means "try the next source"
+                continue
+        raise ValueError(
+            f"Could not load a tokenizer from the student or the teacher ({sources or 'no checkpoint path'}); pass "
+            "`processing_class=tokenizer` (the tokenizer student and teacher share)."
+        )
+
+    @staticmethod
+    def _check_lm_head(student: nn.Module) -> None:
+        head = student.get_output_embeddings()
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise ValueError(
+                "The student has no plain `lm_head` (`get_output_embeddings()`); the fused loss reads its weight. "
+                "Do not target `lm_head` with a PEFT adapter."
+            )
+
+    def _resolve_vocab(self, student: nn.Module, teacher: nn.Module) -> int:
+        s_rows = student.get_output_embeddings().weight.shape[0]
+        t_rows = teacher.get_output_embeddings().weight.shape[0]
+        if s_rows == t_rows:
+            return s_rows
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)
+        n_tok = len(tok) if tok is not None and hasattr(tok, "__len__") else None
+        common = min(s_rows, t_rows)
+        if n_tok is not None and n_tok <= common:
+            logger.info(
+                f"Student/teacher `lm_head`s have {s_rows}/{t_rows} rows (tokenizer: {n_tok}); the padded rows beyond "
+                f"{common} are ignored by the distillation loss."
+            )
+            return common
+        raise ValueError(
+            f"Vocabulary mismatch: the student `lm_head` has {s_rows} rows, the teacher's {t_rows}, and the tokenizer "
+            f"has {n_tok} tokens. Distillation compares full next-token distributions, so student and teacher must "
+            "share a tokenizer; resize the student's embeddings to the teacher's vocabulary "
+            "(`student.resize_token_embeddings(len(tokenizer))`) or use a teacher with the same tokenizer."
+        )
+
+    # ------------------------------------------------------------------------------------------ optimizer/ckpting
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.projection is not None:
+            params = list(self.projection.parameters())
+            present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(p) in present for p in params):
+                lr = self.args.projection_learning_rate or self.args.learning_rate
+                optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.projection is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            output_dir = os.path.join(self._get_output_dir(trial=trial), folder)
+            os.makedirs(output_dir, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
+            save_file(state, os.path.join(output_dir, PROJECTION_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_projection(resume_from_checkpoint)
+
+    def _load_projection(self, checkpoint: str) -> None:
+        if self.projection is None:
+            return
+        path = os.path.join(checkpoint, PROJECTION_FILE)
+        if not os.path.isfile(path):
+            logger.warning(f"No {PROJECTION_FILE} in {checkpoint}: the hidden-state projection starts from scratch.")
+            return
+        from safetensors.torch import load_file
+
+        self.projection.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+
+    # ------------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        unwrapped = self.accelerator.unwrap_model(model)
+        logit_loss, hs_loss, stats = self._forward_redirection(
+            model, unwrapped, self._distill_loss, unwrapped, inputs, num_items_in_batch
+        )
+        loss = logit_loss
+        alpha = torch.zeros((), device=logit_loss.device)
+        if hs_loss is not None:
+            if self.args.hidden_state_weight == "dynamic":
+                # α = L_logits / L_hidden over the whole data-parallel batch (both share the global normalizer), so
+                # DDP training matches single-process training on the same global batch
+                pair = torch.stack([logit_loss.detach(), hs_loss.detach()]).float()
+                if self.accelerator.num_processes > 1:
+                    pair = self.accelerator.reduce(pair, reduction="sum")
+                alpha = pair[0] / pair[1].clamp(min=1e-12)
+            else:
+                alpha = torch.tensor(float(self.args.hidden_state_weight), device=logit_loss.device)
+            loss = logit_loss + alpha.to(hs_loss.dtype) * hs_loss
+        stats = torch.cat([stats, alpha.detach().float().reshape(1)])
+        # Like SFTTrainer: `num_items_in_batch` counts every rank's tokens while DDP averages gradients
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
+            loss = loss * self.accelerator.num_processes
+
+        # Metrics: token-weighted means over all ranks (gathered outside the wrapped forward)
+        g = self.accelerator.gather(stats.unsqueeze(0)).reshape(-1, stats.numel()).sum(0)
+        n = g[0].clamp(min=1)
+        metrics = self._metrics[mode]
+        metrics["kd_loss"].append((g[1] / n).item())
+        metrics["ce_loss"].append((g[2] / n).item())
+        if self.args.hidden_state_loss != "none":
+            metrics["hidden_state_loss"].append((g[3] / n).item())
+            metrics["hidden_state_alpha"].append((g[4] / self.accelerator.num_processes).item())  # same on all ranks
+        if mode == "train" and "attention_mask" in inputs:
+            self._total_train_tokens += int(self.accelerator.gather(inputs["attention_mask"].sum()).sum().item())
+            metrics["num_tokens"] = [self._total_train_tokens]
+        return (loss, None) if return_outputs else loss
+
+    def _distill_loss(
+        self, student: nn.Module, inputs: dict, num_items_in_batch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """`(logit_loss, hidden_state_loss or None, stats)`; runs inside the student wrapper's forward."""
+        args = self.args
+        want_hidden = args.hidden_state_loss != "none"
+        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_inputs["use_cache"] = False
+
+        # Next-token mask from SFT's labels (-100 = padding, prompt or non-assistant tokens)
+        if "shift_labels" in inputs:
+            targets, cut = inputs["shift_labels"], slice(None)
+        else:
+            targets, cut = inputs["labels"][:, 1:], slice(None, -1)
+        mask = targets != -100  # [B, T']
+        num_valid = mask.sum()
+
+        # Student: all hidden states, logits only for one position (the fused loss makes the rest chunk by chunk)
+        s_out = student(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+        s_last = s_out.hidden_states[-1][:, cut]  # [B, T', Hs], post final norm
+
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        self.teacher_model.eval()
+        with torch.no_grad():
+            if want_hidden:
+                t_out = self.teacher_model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+                t_states = t_out.hidden_states
+            else:
+                # Backbone only: no need to keep every layer's states
+                t_states = (teacher.base_model(**model_inputs).last_hidden_state,)
+        t_last = t_states[-1][:, cut]
+
+        s_head = student.get_output_embeddings()
+        t_head = teacher.get_output_embeddings()
+        device = s_head.weight.device
+        s_cfg = _base(student).config.get_text_config()
+        t_cfg = teacher.config.get_text_config()
+        normalizer = num_items_in_batch if num_items_in_batch is not None else num_valid.clamp(min=1)
+        if torch.is_tensor(normalizer):
+            normalizer = normalizer.to(device)
+
+        with self._gathered(t_head):
+            t_w = _full_param(t_head.weight).to(device)
+            t_b = _full_param(getattr(t_head, "bias", None))
+            logit_loss, (kd_sum, ce_sum, _) = fused_linear_kd_loss(
+                s_last.to(device),
+                _full_param(s_head.weight),
+                t_last.to(device),
+                t_w,
+                mask.to(device),
+                student_bias=_full_param(getattr(s_head, "bias", None)),
+                teacher_bias=t_b.to(device) if t_b is not None else None,
+                targets=targets.to(device).clamp(min=0),
+                kd_loss=args.kd_loss,
+                jsd_beta=args.jsd_beta,
+                temperature=args.temperature,
+                kd_weight=args.kd_weight,
+                ce_weight=args.ce_weight,
+                vocab_size=self.kd_vocab_size,
+                student_softcap=getattr(s_cfg, "final_logit_softcapping", None),
+                teacher_softcap=getattr(t_cfg, "final_logit_softcapping", None),
+                chunk_size=args.kd_chunk_size,
+                normalizer=normalizer,
+                return_components=True,
+            )
+
+        hs_loss = None
+        hs_sum = torch.zeros((), device=device)
+        if want_hidden:
+            s_states, s_norm = s_out.hidden_states, _final_norm(student)
+            t_norm = _final_norm(teacher)
+            Ls, Lt = len(s_states) - 1, len(t_states) - 1
+            hs_loss = 0.0
+            for s_idx, t_idx in self.layer_pairs:
+                h_s = s_states[s_idx + 1]
+                if s_idx + 1 < Ls and s_norm is not None:  # the last state already went through the final norm
+                    h_s = s_norm(h_s)
+                with torch.no_grad():
+                    h_t = t_states[t_idx + 1]
+                    if t_idx + 1 < Lt and t_norm is not None:
+                        h_t = t_norm(h_t)
+                hs_loss = hs_loss + hidden_state_loss(
+                    h_s[:, cut].to(device),
+                    h_t[:, cut].to(device),
+                    args.hidden_state_loss,
+                    self.projection,
+                    mask.to(device),
+                    normalizer,
+                )
+            hs_loss = hs_loss / len(self.layer_pairs)  # mean over mapped layers: a fixed weight is depth-independent
+            # Per-token sum for logging, undoing the normalizer
+            hs_sum = hs_loss.detach() * (normalizer if torch.is_tensor(normalizer) else float(normalizer))
+
+        stats = torch.stack([num_valid.to(device).float(), kd_sum.float(), ce_sum.float(), hs_sum.float()]).detach()
+        return logit_loss, hs_loss, stats
+
+    @contextlib.contextmanager
+    def _gathered(self, module: nn.Module):
+        """Gathers a ZeRO-3-partitioned teacher module's parameters for direct weight access."""
+        if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in module.parameters()):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Only the loss: the fused loss never builds the logits
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
