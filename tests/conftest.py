@@ -80,3 +80,33 @@ def run_python(code: str, timeout: int = 300, env: dict | None = None) -> subpro
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
+
+
+def make_recipe_assets(folder) -> tuple[str, str]:
+    """A tiny saved Llama + tokenizer and a WikiText-style corpus (20 articles) for recipe tests."""
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(100)]
+    lines = []
+    for a in range(20):
+        lines.append(f" = Article {a} = ")
+        for _ in range(10):
+            # A learnable pattern (each word tends to be followed by the next one) so distillation has signal.
+            start = rng.randrange(100)
+            lines.append(" ".join(words[(start + k * rng.choice([1, 1, 1, 2])) % 100] for k in range(30)))
+    text = "\n".join(lines)
+    corpus = os.path.join(folder, "corpus.txt")
+    with open(corpus, "w") as f:
+        f.write(text)
+    tok = word_tokenizer(text)
+    model = tiny_llama(vocab_size=len(tok))
+    model_dir = os.path.join(folder, "teacher")
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir, corpus
+
+
+@pytest.fixture(scope="session")
+def recipe_assets(tmp_path_factory):
+    return make_recipe_assets(str(tmp_path_factory.mktemp("recipe_assets")))

@@ -1,0 +1,195 @@
+"""`hf-minitron` command line: thin wrappers over the library functions.
+
+    hf-minitron run --output_dir out                      # the whole recipe (same as recipes/minitron.py)
+    hf-minitron importance --dataset_path text.txt --output scores.safetensors
+    hf-minitron prune --importance scores.safetensors --hidden_size 432 --output_dir pruned
+    hf-minitron distill --student pruned --output_dir distilled --max_steps 100
+    hf-minitron evaluate --model_name_or_path distilled
+    hf-minitron correct-teacher --output_dir teacher-corrected --max_steps 50 --original_learning_rate 1e-4
+
+Omitting `--model_name_or_path` uses the embedded SmolLM2-135M-Instruct; omitting `--dataset_path` uses the
+embedded CPython documentation text. Every subcommand accepts `--config file.yaml` (TrlParser).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+
+DEFAULT_RECIPE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "smollm2-135m-default.yaml")
+
+
+@dataclass
+class ModelDataArguments:
+    """Which model and text a subcommand works on."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model (default: embedded SmolLM2-135M-Instruct)."})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path."})
+    model_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
+    dataset_path: str | None = field(default=None, metadata={"help": "Plain-text corpus (default: embedded pydoc text)."})
+    eval_dataset_path: str | None = field(default=None, metadata={"help": "Held-out text (default: article split)."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of articles held out."})
+    seq_length: int = field(default=256, metadata={"help": "Tokens per sample."})
+    max_samples: int | None = field(default=None, metadata={"help": "Cap on samples."})
+
+
+@dataclass
+class PruneCommandArguments:
+    importance: str | None = field(default=None, metadata={"help": "Scores from `hf-minitron importance` (else computed)."})
+    output: str = field(default="importance_scores.safetensors", metadata={"help": "`importance`: where to save scores."})
+    output_dir: str = field(default="pruned", metadata={"help": "`prune`: folder of the pruned model."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+
+
+@dataclass
+class DistillCommandArguments:
+    student: str = field(default="pruned", metadata={"help": "Pruned student folder."})
+
+
+def _parse(dataclasses: tuple, argv: list[str]):
+    """Parse YAML (``--config``) + flags; an unknown field in either is an error that names it."""
+    valid = {f for d in dataclasses for f in d.__dataclass_fields__}
+    if "--config" in argv:
+        import yaml
+
+        path = argv[argv.index("--config") + 1]
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+        unknown = sorted(k for k in config if k not in valid and k != "env") if isinstance(config, dict) else []
+        if unknown:
+            raise ValueError(f"Unknown field(s) {unknown} in {path}: not a field of {', '.join(d.__name__ for d in dataclasses)}.")
+    *parsed, from_config, from_flags = TrlParser(dataclasses).parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    unknown = [s.lstrip("-") for s in from_config[::2]] + [s for s in from_flags if s.startswith("-")]
+    if unknown or from_flags:
+        raise ValueError(
+            f"Unknown option(s) {unknown or from_flags}: not a field of {', '.join(d.__name__ for d in dataclasses)}; "
+            "check the spelling (`--help` lists every option)."
+        )
+    return parsed
+
+
+def _texts_and_model(data: ModelDataArguments):
+    from .pipeline import load_model_and_tokenizer, load_texts
+
+    model, tokenizer = load_model_and_tokenizer(data.model_name_or_path, data.gguf_file, data.model_dtype)
+    train, held_out = load_texts(data.dataset_path, data.eval_dataset_path, data.eval_fraction)
+    return model, tokenizer, train, held_out
+
+
+def run_recipe(argv: list[str]) -> dict:
+    """`hf-minitron run` / `recipes/minitron.py`: the whole pipeline (embedded default config without --config)."""
+    from .distillation import DistillationConfig
+    from .pipeline import MinitronRecipeArguments, format_results, run_minitron
+
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = ["--config", DEFAULT_RECIPE_CONFIG, *argv]
+    recipe_args, training_args = _parse((MinitronRecipeArguments, DistillationConfig), argv)
+    results = run_minitron(recipe_args, training_args)
+    if training_args.process_index == 0:
+        print(format_results(results), flush=True)
+    return results
+
+
+def _importance(argv: list[str], save: bool = True):
+    from .config import MinitronPruneConfig
+    from .data import pack_texts
+    from .importance import ImportanceScores, estimate_importance
+
+    data, prune_args, config = _parse((ModelDataArguments, PruneCommandArguments, MinitronPruneConfig), argv)
+    model, tokenizer, train, _ = _texts_and_model(data)
+    if prune_args.importance:
+        scores = ImportanceScores.load(prune_args.importance)
+    else:
+        calibration = pack_texts(train, tokenizer, data.seq_length, config.num_calibration_samples)
+        scores = estimate_importance(model, calibration, config)
+        if save:
+            scores.save(prune_args.output)
+            print(f"Saved importance scores of {scores.metadata['num_samples']} samples to {prune_args.output}")
+    return model, tokenizer, scores, prune_args, config
+
+
+def _prune(argv: list[str]) -> None:
+    from .pruning import prune_model, save_pruned_model
+
+    model, tokenizer, scores, prune_args, config = _importance(argv, save=False)
+    pruned = prune_model(model, config, importance=scores)
+    folder = save_pruned_model(pruned, prune_args.output_dir, tokenizer=tokenizer, importance=scores, overwrite=prune_args.overwrite)
+    print(json.dumps({"output_dir": folder, "target_config": pruned.minitron_provenance["target_config"],
+                      "parameters": sum(p.numel() for p in pruned.parameters())}, indent=2))
+
+
+def _distill(argv: list[str]) -> None:
+    from datasets import Dataset
+
+    from .data import pack_texts
+    from .distillation import DistillationConfig, DistillationTrainer
+    from .pipeline import load_model_and_tokenizer
+    from .pruning import save_pruned_model
+
+    data, distill_args, training_args = _parse((ModelDataArguments, DistillCommandArguments, DistillationConfig), argv)
+    teacher, tokenizer, train, _ = _texts_and_model(data)
+    student, _ = load_model_and_tokenizer(distill_args.student, dtype=data.model_dtype)
+    blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
+    dataset = Dataset.from_dict({"input_ids": [b.tolist() for b in blocks]})
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.accelerator.is_main_process:
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        save_pruned_model(student, os.path.join(training_args.output_dir, "final"), tokenizer=tokenizer, overwrite=True)
+
+
+def _evaluate(argv: list[str]) -> None:
+    from .data import pack_texts
+    from .evaluation import perplexity
+
+    (data,) = _parse((ModelDataArguments,), argv)
+    model, tokenizer, _, held_out = _texts_and_model(data)
+    blocks = pack_texts(held_out, tokenizer, data.seq_length, data.max_samples)
+    ppl = perplexity(model, blocks, seq_length=data.seq_length)
+    print(json.dumps({"model": data.model_name_or_path or "embedded SmolLM2-135M-Instruct", "held_out_samples": len(blocks),
+                      "seq_length": data.seq_length, "perplexity": ppl}, indent=2))
+
+
+def _correct_teacher(argv: list[str]) -> None:
+    from datasets import Dataset
+
+    from .data import pack_texts
+    from .pipeline import save_model_atomic
+    from .teacher_correction import TeacherCorrectionConfig, correct_teacher
+
+    data, args = _parse((ModelDataArguments, TeacherCorrectionConfig), argv)
+    model, tokenizer, train, _ = _texts_and_model(data)
+    blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
+    dataset = Dataset.from_dict({"input_ids": [b.tolist() for b in blocks]})
+    corrected = correct_teacher(model, args, dataset, processing_class=tokenizer)
+    save_model_atomic(corrected, tokenizer, os.path.join(os.path.abspath(args.output_dir), "final"))
+
+
+COMMANDS = {
+    "run": run_recipe,
+    "importance": lambda argv: _importance(argv, save=True),
+    "prune": _prune,
+    "distill": _distill,
+    "evaluate": _evaluate,
+    "correct-teacher": _correct_teacher,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        print(f"usage: hf-minitron {{{','.join(COMMANDS)}}} [options]  (`hf-minitron <command> --help` for options)")
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
