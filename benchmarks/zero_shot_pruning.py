@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=432)
     parser.add_argument("--intermediate_size", type=int, default=1024)
     parser.add_argument("--num_hidden_layers", type=int, default=20)
+    parser.add_argument("--num_attention_heads", type=int, default=6, help="head-pruning target for the head-merge comparison")
     parser.add_argument("--skip_depth", action="store_true")
+    parser.add_argument("--only_heads", action="store_true", help="run only the head-merge comparison")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -59,15 +61,23 @@ def main() -> None:
     evaluate("teacher (unpruned)", model)
     config = MinitronPruneConfig(
         num_calibration_samples=args.calib_samples, calibration_seq_length=args.calib_seq_length,
-        depth_criterion="perplexity" if not args.skip_depth else "block_importance",
+        depth_criterion="perplexity" if not (args.skip_depth or args.only_heads) else "block_importance",
     )
     start = time.perf_counter()
     scores = estimate_importance(model, calib, config)
     t_scores = time.perf_counter() - start
     print(f"importance pass (incl. {'per-layer perplexity' if not args.skip_depth else 'no extra'}): {t_scores:.1f}s")
 
+    heads = dict(num_attention_heads=args.num_attention_heads)
+    for name, merge in [(f"heads {model.config.num_attention_heads}->{args.num_attention_heads}: activation", False),
+                        (f"heads {model.config.num_attention_heads}->{args.num_attention_heads}: activation + head merge", True)]:
+        start = time.perf_counter()
+        pruned = prune_model(copy.deepcopy(model), MinitronPruneConfig(**heads, merge_pruned_heads=merge), importance=scores)
+        evaluate(name, pruned, time.perf_counter() - start)
+        del pruned
+
     width = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
-    candidates = [
+    candidates = [] if args.only_heads else [
         ("width: activation + rescale_norms", scores, True),
         ("width: activation, no rescaling", scores, False),
         ("width: magnitude + rescale_norms", magnitude_importance(model), True),
@@ -81,7 +91,7 @@ def main() -> None:
         evaluate(name, pruned, time.perf_counter() - start)
         del pruned
 
-    if not args.skip_depth:
+    if not args.skip_depth and not args.only_heads:
         for name, criterion, s in [
             ("depth: block importance", "block_importance", scores),
             ("depth: per-layer perplexity", "perplexity", scores),

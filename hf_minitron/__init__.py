@@ -8,10 +8,12 @@ from .data import load_default_corpus, load_text_file
 from .distillation import DistillationConfig, DistillationTrainer
 from .importance import ImportanceScores, estimate_importance
 from .pruning import PROVENANCE_NAME, load_provenance, prune_model, save_pruned_model
+from .search import Candidate, SearchResult, predict_num_params, search_architectures
 
 
 __all__ = [
     "ArchitectureLayout",
+    "Candidate",
     "DistillationConfig",
     "DistillationTrainer",
     "ImportanceScores",
@@ -24,6 +26,9 @@ __all__ = [
     "load_text_file",
     "prune_model",
     "register_layout",
+    "predict_num_params",
     "save_pruned_model",
+    "search_architectures",
+    "SearchResult",
     "supported_model_types",
 ]

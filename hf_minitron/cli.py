@@ -4,6 +4,7 @@
     hf-minitron importance --dataset_path text.txt --output scores.safetensors
     hf-minitron prune --importance scores.safetensors --hidden_size 432 --output_dir pruned
     hf-minitron distill --student pruned --output_dir distilled --max_steps 100
+    hf-minitron search --target_params 0.6 --max_candidates 6 --output_dir search
     hf-minitron evaluate --model_name_or_path distilled
     hf-minitron correct-teacher --output_dir teacher-corrected --max_steps 50 --original_learning_rate 1e-4
 
@@ -44,6 +45,19 @@ class PruneCommandArguments:
     output: str = field(default="importance_scores.safetensors", metadata={"help": "`importance`: where to save scores."})
     output_dir: str = field(default="pruned", metadata={"help": "`prune`: folder of the pruned model."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+
+
+@dataclass
+class SearchCommandArguments:
+    target_params: float = field(default=0.6, metadata={"help": "Fraction (<= 1) of the source's parameters, or a count."})
+    tolerance: float = field(default=0.05, metadata={"help": "Relative window around the target."})
+    search_space: str = field(default="all", metadata={"help": "all, width or depth."})
+    max_candidates: int = field(default=6, metadata={"help": "Candidates to evaluate."})
+    retrain_steps: int = field(default=0, metadata={"help": "Short distillation steps per candidate."})
+    use_lora: bool = field(default=False, metadata={"help": "Retrain with LoRA adapters."})
+    importance: str | None = field(default=None, metadata={"help": "Precomputed scores (else estimated)."})
+    num_calibration_samples: int = field(default=256, metadata={"help": "Calibration samples when estimating."})
+    output_dir: str = field(default="search", metadata={"help": "Where the candidates table and winner config go."})
 
 
 @dataclass
@@ -161,7 +175,7 @@ def _correct_teacher(argv: list[str]) -> None:
     from datasets import Dataset
 
     from .data import pack_texts
-    from .pipeline import save_model_atomic
+    from .pruning import save_pruned_model
     from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 
     data, args = _parse((ModelDataArguments, TeacherCorrectionConfig), argv)
@@ -169,7 +183,30 @@ def _correct_teacher(argv: list[str]) -> None:
     blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
     dataset = Dataset.from_dict({"input_ids": [b.tolist() for b in blocks]})
     corrected = correct_teacher(model, args, dataset, processing_class=tokenizer)
-    save_model_atomic(corrected, tokenizer, os.path.join(os.path.abspath(args.output_dir), "final"))
+    save_pruned_model(corrected, os.path.join(os.path.abspath(args.output_dir), "final"), tokenizer=tokenizer, overwrite=True)
+
+
+def _search(argv: list[str]) -> None:
+    from .config import MinitronPruneConfig
+    from .data import pack_texts
+    from .importance import ImportanceScores, estimate_importance
+    from .search import search_architectures
+
+    data, args = _parse((ModelDataArguments, SearchCommandArguments), argv)
+    model, tokenizer, train, held_out = _texts_and_model(data)
+    train_blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
+    eval_blocks = pack_texts(held_out, tokenizer, data.seq_length, 32)
+    config = MinitronPruneConfig(num_calibration_samples=args.num_calibration_samples, calibration_seq_length=data.seq_length)
+    scores = ImportanceScores.load(args.importance) if args.importance else estimate_importance(model, train_blocks, config)
+    target = int(args.target_params) if args.target_params > 1 else float(args.target_params)
+    result = search_architectures(
+        model, scores, target_params=target, tolerance=args.tolerance, search_space=args.search_space,
+        max_candidates=args.max_candidates, retrain_steps=args.retrain_steps, train_dataset=train_blocks,
+        eval_dataset=eval_blocks, use_lora=args.use_lora, prune_config=config, tokenizer=tokenizer, seq_length=data.seq_length,
+    )
+    result.save(args.output_dir)
+    print(result.to_table())
+    print(f"Winner's config: {os.path.join(args.output_dir, 'minitron_prune_config.json')}")
 
 
 COMMANDS = {
@@ -177,6 +214,7 @@ COMMANDS = {
     "importance": lambda argv: _importance(argv, save=True),
     "prune": _prune,
     "distill": _distill,
+    "search": _search,
     "evaluate": _evaluate,
     "correct-teacher": _correct_teacher,
 }

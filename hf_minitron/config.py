@@ -34,6 +34,9 @@ class MinitronPruneConfig(PushToHubMixin):
         sequence_aggregation: How per-token activations are reduced over a sample's tokens.
         depth_criterion: ``"block_importance"`` (1 - cos(in, out), same pass as width scores) or
             ``"perplexity"`` (one extra pass over the calibration data per layer).
+        merge_pruned_heads: Opt-in head merge of the first Minitron paper: within each KV group the weakest kept
+            query heads absorb the strongest pruned ones (``h_i <- 2 h_i - h_j`` on query rows and ``o_proj``
+            columns). Off by default: it raised zero-shot perplexity on SmolLM2-135M (see docs/results.md).
         rescale_norms: After hidden pruning, multiply every norm's gain by sqrt(H_old / H_new), so the RMS
             over the kept channels matches the RMS over all of them when the dropped channels are small.
         num_calibration_samples: Calibration sequences to use (the papers use 1024).
@@ -58,6 +61,7 @@ class MinitronPruneConfig(PushToHubMixin):
     sequence_aggregation: str = "mean"
     depth_criterion: str = "block_importance"
     rescale_norms: bool = True
+    merge_pruned_heads: bool = False
     num_calibration_samples: int = 1024
     calibration_seq_length: int = 512
     calibration_batch_size: int = 8

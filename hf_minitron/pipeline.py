@@ -69,8 +69,22 @@ class MinitronRecipeArguments:
     batch_aggregation: str = field(default="l2", metadata={"help": "l2, mean or var over samples."})
     sequence_aggregation: str = field(default="mean", metadata={"help": "l2, mean or var over tokens."})
     rescale_norms: bool = field(default=True, metadata={"help": "Rescale norm gains after hidden pruning."})
+    merge_pruned_heads: bool = field(default=False, metadata={"help": "Merge pruned query heads into kept ones (paper 1)."})
     num_calibration_samples: int = field(default=1024, metadata={"help": "Calibration samples for importance."})
     calibration_batch_size: int = field(default=8, metadata={"help": "Calibration batch size."})
+    # Architecture search (replaces the explicit target)
+    search: bool = field(default=False, metadata={"help": "Search the pruned shape within ±tolerance of target_params."})
+    target_params: float | None = field(default=None, metadata={"help": "Search target: a fraction (<= 1) or a count."})
+    search_tolerance: float = field(default=0.05, metadata={"help": "Relative window around target_params."})
+    search_space: str = field(default="all", metadata={"help": "all, width (depth fixed) or depth (width fixed)."})
+    search_max_candidates: int = field(default=6, metadata={"help": "Candidates to evaluate."})
+    search_retrain_steps: int = field(default=0, metadata={"help": "Short distillation steps per candidate (0: zero-shot)."})
+    search_use_lora: bool = field(default=False, metadata={"help": "Retrain candidates with LoRA adapters."})
+    num_cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "Torch threads per process on a machine without GPU (default: all cores / processes; "
+                  "`accelerate launch` would otherwise leave 1)."},
+    )
     # Stages
     skip_distillation: bool = field(default=False, metadata={"help": "Stop after pruning (zero-shot model)."})
     final_subdir: str = field(default="", metadata={"help": "Sub-folder of output_dir for the final model ('' = output_dir)."})
@@ -93,7 +107,7 @@ class MinitronRecipeArguments:
 
     def prune_config(self) -> MinitronPruneConfig:
         targets = {k: getattr(self, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
-        if self.uses_embedded_model and all(v is None for v in targets.values()) and not self.layers_to_drop:
+        if self.uses_embedded_model and not self.search and all(v is None for v in targets.values()) and not self.layers_to_drop:
             targets.update(EMBEDDED_DEFAULT_TARGET)
         config = MinitronPruneConfig(
             **targets,
@@ -102,10 +116,15 @@ class MinitronRecipeArguments:
             batch_aggregation=self.batch_aggregation,
             sequence_aggregation=self.sequence_aggregation,
             rescale_norms=self.rescale_norms,
+            merge_pruned_heads=self.merge_pruned_heads,
             num_calibration_samples=self.num_calibration_samples,
             calibration_seq_length=self.seq_length,
             calibration_batch_size=self.calibration_batch_size,
         )
+        if self.search:
+            if self.target_params is None or self.target_params <= 0:
+                raise ValueError("`search: true` needs `target_params` (a fraction such as 0.6, or a parameter count).")
+            return config
         if all(getattr(config, k) is None for k in targets) and not config.layers_to_drop:
             raise ValueError("Nothing to prune: set at least one of hidden_size, intermediate_size, num_attention_heads, "
                              "num_key_value_heads, num_hidden_layers or layers_to_drop.")
@@ -161,21 +180,6 @@ def _atomic_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_model_atomic(model, tokenizer, folder: str) -> None:
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _load_pruned(folder: str, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     if os.path.isfile(os.path.join(folder, PROVENANCE_NAME)):
@@ -226,6 +230,9 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
     from .distillation import DistillationTrainer
 
     state = PartialState()
+    if not torch.cuda.is_available():
+        # `accelerate launch` without --cpu exports OMP_NUM_THREADS=1; on a CPU-only machine use every core.
+        torch.set_num_threads(args.num_cpu_threads or max(1, (os.cpu_count() or 1) // state.num_processes))
     out = os.path.abspath(training_args.output_dir)
     os.makedirs(out, exist_ok=True)
     stages = _Stages(out, state.is_main_process)
@@ -283,7 +290,7 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
             )
             teacher = correct_teacher(teacher, tc_args, train_dataset, processing_class=tokenizer)
             if state.is_main_process:
-                save_model_atomic(teacher, tokenizer, corrected_dir)
+                save_pruned_model(teacher, corrected_dir, tokenizer=tokenizer, overwrite=True)
             state.wait_for_everyone()
             stages.done("teacher_correction", time.perf_counter() - start, perplexity_before=original_ppl)
         teacher_correction_info["teacher_perplexity_before"] = original_ppl
@@ -305,6 +312,35 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
             scores.save(scores_path)
         state.wait_for_everyone()
         stages.done("importance", time.perf_counter() - start, num_samples=scores.metadata["num_samples"])
+
+    # 2b. Architecture search -----------------------------------------------------------------------------
+    search_dir = os.path.join(out, "search")
+    if args.search and not os.path.isdir(pruned_dir):
+        from .search import SearchResult, search_architectures
+
+        if os.path.isdir(search_dir):
+            logger.warning(f"Stage 'search' already done: loading {search_dir}")
+            result = SearchResult.load(search_dir)
+        else:
+            start = time.perf_counter()
+            target = int(args.target_params) if args.target_params > 1 else float(args.target_params)
+            result = search_architectures(
+                teacher, scores, target_params=target, tolerance=args.search_tolerance, search_space=args.search_space,
+                max_candidates=args.search_max_candidates, retrain_steps=args.search_retrain_steps,
+                train_dataset=train_blocks, eval_dataset=eval_blocks, use_lora=args.search_use_lora,
+                prune_config=prune_config, tokenizer=tokenizer, seq_length=args.seq_length, seed=training_args.seed,
+            )
+            if state.is_main_process:
+                tmp = tempfile.mkdtemp(prefix=".tmp-search-", dir=out)
+                result.save(tmp)
+                with open(os.path.join(tmp, "candidates.md"), "w", encoding="utf-8") as f:
+                    f.write(result.to_table() + "\n")
+                os.replace(tmp, search_dir)
+            state.wait_for_everyone()
+            stages.done("search", time.perf_counter() - start, winner=result.best.name)
+        if state.is_main_process:
+            logger.warning(f"Architecture search (best first):\n{result.to_table()}")
+        prune_config = result.best.config
 
     # 3. Prune ----------------------------------------------------------------------------------------------
     if os.path.isdir(pruned_dir):

@@ -35,6 +35,11 @@ def test_cli_importance_prune_distill_evaluate_correct_teacher(recipe_assets, tm
     report = json.loads(capsys.readouterr().out)
     assert report["held_out_samples"] == 4 and report["perplexity"] > 1
 
+    search_dir = str(tmp_path / "search")
+    main(["search", *common, "--importance", scores, "--target_params", "0.6", "--max_candidates", "3", "--output_dir", search_dir])
+    assert os.path.isfile(os.path.join(search_dir, "minitron_prune_config.json"))
+    assert "| rank | shape |" in capsys.readouterr().out
+
     corrected = str(tmp_path / "corrected")
     main(["correct-teacher", *common, "--output_dir", corrected, "--max_steps", "2", "--original_learning_rate", "1e-3",
           "--per_device_train_batch_size", "2", "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--save_strategy", "no"])

@@ -177,3 +177,21 @@ def test_two_process_scores_equal_single_process(tmp_path):
     for key, value in single.tensors().items():
         torch.testing.assert_close(multi.tensors()[key], value, atol=1e-5, rtol=1e-5, msg=key)
     assert multi.metadata["num_samples"] == 14
+
+
+def test_accelerate_dispatched_model():
+    """A model placed block by block with accelerate hooks (as device_map="auto" does; CPU-only here) scores alike."""
+    import copy
+
+    from accelerate import dispatch_model
+
+    model = tiny_llama()
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(4)})
+    placed = dispatch_model(copy.deepcopy(model), device_map=device_map, force_hooks=True)
+    assert hasattr(placed.model.layers[0], "_hf_hook")
+    config = MinitronPruneConfig(num_calibration_samples=8)
+    a = estimate_importance(model, random_batches(num=2), config, show_progress=False)
+    b = estimate_importance(placed, random_batches(num=2), config, show_progress=False)
+    for key, value in a.tensors().items():
+        torch.testing.assert_close(b.tensors()[key], value, atol=1e-5, rtol=1e-5, msg=key)

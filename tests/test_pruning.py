@@ -227,3 +227,32 @@ def test_plan_ties_are_deterministic():
     source = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 4, "head_dim": 8}
     plan = make_plan(MinitronPruneConfig(intermediate_size=10), source, scores)
     assert plan.neurons[0] == list(range(10))
+
+
+def test_head_merge_pairs_follow_the_paper_formula():
+    from hf_minitron.pruning.plan import head_merge_pairs
+
+    # One KV group of L=6 heads ranked by score: 3 > 0 > 5 > 1 > 4 > 2; keep K=4 -> {3, 0, 5, 1}.
+    scores = torch.tensor([5.0, 3.0, 1.0, 6.0, 2.0, 4.0])
+    pairs = head_merge_pairs(scores, kept_heads=[0, 1, 3, 5], kept_kv=[0], group=6)
+    # i = K: rank-4 head (1) absorbs rank-5 head (4); i = K-1: rank-3 head (5) absorbs rank-6 head (2).
+    assert pairs == [(1, 4), (5, 2)]
+
+
+def test_head_merge_option_changes_only_the_merged_heads():
+    model = tiny_llama()
+    scores = scores_for(model)
+    plain = prune_model(copy.deepcopy(model), MinitronPruneConfig(num_attention_heads=4), importance=scores)
+    merged = prune_model(copy.deepcopy(model), MinitronPruneConfig(num_attention_heads=4, merge_pruned_heads=True), importance=scores)
+    merges = merged.minitron_provenance["kept"]["head_merges"][0]
+    assert len(merges) == 4  # 2 pairs in each of the 2 KV groups
+    kept = merged.minitron_provenance["kept"]["heads"][0]
+    q0, q_plain = model.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight
+    q_merged = merged.model.layers[0].self_attn.q_proj.weight
+    for keep, drop in merges:
+        pos = kept.index(keep)
+        rows = slice(pos * 8, (pos + 1) * 8)
+        torch.testing.assert_close(q_merged[rows], 2 * q0[keep * 8 : (keep + 1) * 8] - q0[drop * 8 : (drop + 1) * 8])
+    untouched = [kept.index(h) for h in kept if h not in {k for k, _ in merges}]
+    for pos in untouched:
+        assert torch.equal(q_merged[pos * 8 : (pos + 1) * 8], q_plain[pos * 8 : (pos + 1) * 8])

@@ -133,3 +133,19 @@ def test_unknown_or_invalid_fields_are_named(recipe_assets, tmp_path):
     with pytest.raises(ValueError, match="larger than the source"):
         run_recipe(recipe_flags(*recipe_assets, str(tmp_path / "d"), hidden_size=128))
     assert not os.path.exists(tmp_path / "d" / "config.json")
+
+
+def test_recipe_with_architecture_search(recipe_assets, tmp_path):
+    out = str(tmp_path / "run")
+    flags = recipe_flags(*recipe_assets, out, max_steps=2, save_steps=10)
+    for name in ("--hidden_size", "--intermediate_size", "--num_hidden_layers"):  # the search picks the shape
+        i = flags.index(name)
+        del flags[i : i + 2]
+    results = run_recipe(flags + ["--search", "true", "--target_params", "0.6", "--search_max_candidates", "3"])
+    search = json.load(open(os.path.join(out, "search", "architecture_search.json")))
+    best = search["candidates"][0]
+    assert len(search["candidates"]) == 3
+    final = json.load(open(os.path.join(out, "config.json")))
+    assert final["hidden_size"] == best["config"]["hidden_size"]
+    assert results["rows"][-1]["parameters"] == best["num_params"]
+    assert os.path.isfile(os.path.join(out, "search", "candidates.md"))

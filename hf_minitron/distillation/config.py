@@ -21,6 +21,9 @@ class DistillationConfig(SFTConfig):
     `assistant_only_loss`, packing, `max_length`, ...). The label mask built by SFT (padding, `-100` labels,
     completion-only and assistant-only masks) selects the tokens that the distillation losses are averaged over.
 
+    On a machine without a CUDA GPU, `bf16` and activation checkpointing default to off (TRL's `SFTConfig` turns
+    them on); values you set explicitly are kept.
+
     Parameters:
         teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments of `AutoModelForCausalLM.from_pretrained` when `teacher_model` is a path (e.g.
@@ -80,6 +83,16 @@ class DistillationConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            # SFTConfig turns on bf16 autocast and activation checkpointing by default; on a CPU-only machine the
+            # first fails validation without `use_cpu` and both make steps ~6x slower. Explicit values are kept.
+            if self.bf16 is None:
+                self.bf16 = False
+            if self.activation_checkpointing is None:
+                self.activation_checkpointing = False
+                self.gradient_checkpointing = False
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)

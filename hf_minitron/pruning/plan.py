@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,13 +24,17 @@ class PrunePlan:
     heads: list[list[int]]
     kv_heads: list[list[int]]
     neurons: list[list[int]]
+    head_merges: list[list[tuple[int, int]]] = field(default_factory=list)
 
     @property
     def changes_width(self) -> bool:
         return any(self.source_sizes[k] != self.target_sizes[k] for k in WIDTH_FIELDS)
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads, "neurons": self.neurons}
+        out = {"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads, "neurons": self.neurons}
+        if any(self.head_merges):
+            out["head_merges"] = [[list(pair) for pair in layer] for layer in self.head_merges]
+        return out
 
 
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
@@ -126,6 +130,23 @@ def select_heads(head_scores: torch.Tensor, source: dict[str, int], target: dict
     return kept_heads, kept_kv
 
 
+def head_merge_pairs(head_scores: torch.Tensor, kept_heads: list[int], kept_kv: list[int], group: int) -> list[tuple[int, int]]:
+    """(kept head, pruned head) pairs for the first Minitron paper's head merge, within each kept KV group.
+
+    With a group's heads ranked 1..L by importance and K kept, kept head ``i`` absorbs pruned head ``2K - i + 1``
+    for ``i`` in ``[K - (L - K) + 1, K]``: the weakest kept heads take the residual of the strongest pruned ones.
+    """
+    pairs = []
+    kept = set(kept_heads)
+    for g in kept_kv:
+        members = list(range(g * group, (g + 1) * group))
+        ranked = sorted(members, key=lambda h: (-float(head_scores[h]), h))
+        k = sum(1 for h in members if h in kept)
+        for i in range(1, min(group - k, k) + 1):
+            pairs.append((ranked[k - i], ranked[k + i - 1]))
+    return pairs
+
+
 def make_plan(config: MinitronPruneConfig, source: dict[str, int], scores: ImportanceScores | None) -> PrunePlan:
     """Compute every kept index for ``config`` from ``scores`` (needed unless only explicit layers are dropped)."""
     target = resolve_target_sizes(source, config)
@@ -145,7 +166,8 @@ def make_plan(config: MinitronPruneConfig, source: dict[str, int], scores: Impor
             )
     identity = lambda n: list(range(n))  # noqa: E731
     hidden = _top(scores.hidden, target["hidden_size"]) if target["hidden_size"] != source["hidden_size"] else identity(source["hidden_size"])
-    heads, kv_heads, neurons = [], [], []
+    heads, kv_heads, neurons, merges = [], [], [], []
+    group = source["num_attention_heads"] // source["num_key_value_heads"]
     for i in layers:
         if (target["num_attention_heads"], target["num_key_value_heads"]) != (source["num_attention_heads"], source["num_key_value_heads"]):
             h, kv = select_heads(scores.heads[i], source, target)
@@ -153,8 +175,9 @@ def make_plan(config: MinitronPruneConfig, source: dict[str, int], scores: Impor
             h, kv = identity(source["num_attention_heads"]), identity(source["num_key_value_heads"])
         heads.append(h)
         kv_heads.append(kv)
+        merges.append(head_merge_pairs(scores.heads[i], h, kv, group) if config.merge_pruned_heads and scores is not None else [])
         if target["intermediate_size"] != source["intermediate_size"]:
             neurons.append(_top(scores.neurons[i], target["intermediate_size"]))
         else:
             neurons.append(identity(source["intermediate_size"]))
-    return PrunePlan(source, target, layers, hidden, heads, kv_heads, neurons)
+    return PrunePlan(source, target, layers, hidden, heads, kv_heads, neurons, merges)

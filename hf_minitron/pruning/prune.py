@@ -75,6 +75,20 @@ def _fused_rows(blocks: list[tuple[list[int] | None, int]]) -> list[int] | None:
 
 
 @torch.no_grad()
+def _merge_heads(layer: nn.Module, layout: ArchitectureLayout, pairs: list[tuple[int, int]], head_dim: int) -> None:
+    """Head merge of arXiv 2407.14679 (opt-in): ``head_i <- head_i + (head_i - head_j)`` on the query rows
+    (and bias) and ``o_proj`` columns of each (kept ``i``, pruned ``j``) pair, before ``j`` is sliced away."""
+    q = layer.get_submodule(layout.qkv_proj if layout.qkv_proj is not None else layout.q_proj)  # q rows come first
+    o = layer.get_submodule(layout.o_proj)
+    for keep, drop in pairs:
+        ki, di = slice(keep * head_dim, (keep + 1) * head_dim), slice(drop * head_dim, (drop + 1) * head_dim)
+        q.weight[ki] = 2 * q.weight[ki] - q.weight[di]
+        if q.bias is not None:
+            q.bias[ki] = 2 * q.bias[ki] - q.bias[di]
+        o.weight[:, ki] = 2 * o.weight[:, ki] - o.weight[:, di]
+
+
+@torch.no_grad()
 def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: PrunePlan, i: int, rescale_norms: bool) -> None:
     """Slice one decoder layer's attention, MLP and norms to the plan's ``i``-th kept layer."""
     source, target = plan.source_sizes, plan.target_sizes
@@ -85,6 +99,9 @@ def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: Prune
     neurons = plan.neurons[i] if target["intermediate_size"] != source["intermediate_size"] else None
     q_width, kv_width = source["num_attention_heads"] * head_dim, source["num_key_value_heads"] * head_dim
     intermediate = source["intermediate_size"]
+
+    if plan.head_merges and plan.head_merges[i]:
+        _merge_heads(layer, layout, plan.head_merges[i], head_dim)
 
     # Attention: query rows follow the kept heads, key/value rows the kept KV groups; inputs the kept hidden.
     if layout.qkv_proj is not None:
