@@ -66,7 +66,7 @@ def main() -> None:
     start = time.perf_counter()
     scores = estimate_importance(model, calib, config)
     t_scores = time.perf_counter() - start
-    print(f"importance pass (incl. {'per-layer perplexity' if not args.skip_depth else 'no extra'}): {t_scores:.1f}s")
+    print(f"importance pass ({config.depth_criterion} depth scores): {t_scores:.1f}s")
 
     heads = dict(num_attention_heads=args.num_attention_heads)
     for name, merge in [(f"heads {model.config.num_attention_heads}->{args.num_attention_heads}: activation", False),

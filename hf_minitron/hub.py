@@ -42,7 +42,7 @@ def render_model_card(info: dict[str, Any]) -> str:
         "library_name: transformers",
         "pipeline_tag: text-generation",
         "tags:\n- hf-minitron\n- pruning\n- distillation",
-        *( [f"base_model: {base}"] if "/" in base and " " not in base else [] ),
+        *([f"base_model: {base}"] if base.count("/") == 1 and " " not in base and not os.path.exists(base) else []),
         "---",
         "",
         f"# Minitron-pruned {base}",

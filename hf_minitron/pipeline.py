@@ -187,6 +187,45 @@ def _load_pruned(folder: str, dtype: torch.dtype):
     return model
 
 
+def _write_plots(out: str, scores: ImportanceScores | None, history_path: str) -> None:
+    try:
+        from .plots import plot_importance, plot_loss_curves
+    except ImportError:  # pragma: no cover
+        return
+    try:
+        os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+        if scores is not None:
+            plot_importance(scores, os.path.join(out, "plots", "importance.png"))
+        if os.path.isfile(history_path):
+            with open(history_path, encoding="utf-8") as f:
+                plot_loss_curves(json.load(f), os.path.join(out, "plots", "distillation_loss.png"))
+    except ImportError:
+        logger.info("matplotlib is not installed: skipping the plots (`pip install matplotlib`).")
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that was fully written; half-written ones are removed.
+
+    ``Trainer`` writes ``trainer_state.json`` last, so a checkpoint without it was interrupted mid-save (a kill
+    while checkpointing) and would crash a resume.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(folder):
+        return None
+    complete = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not (name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[-1].isdigit() and os.path.isdir(path)):
+            continue
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            complete.append((int(name.split("-")[-1]), path))
+        else:
+            logger.warning(f"Removing the incomplete checkpoint {path} (interrupted while saving).")
+            shutil.rmtree(path, ignore_errors=True)
+    return max(complete)[1] if complete else None
+
+
 def _num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -370,9 +409,7 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
         run_args.output_dir = os.path.join(out, "distill_checkpoints")
         if run_args.max_length is None or run_args.max_length > args.seq_length:
             run_args.max_length = args.seq_length
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(run_args.output_dir) if os.path.isdir(run_args.output_dir) else None
+        last = last_complete_checkpoint(run_args.output_dir)
         if last:
             logger.warning(f"Resuming distillation from {last}")
         trainer = DistillationTrainer(
@@ -416,6 +453,10 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
             results["stage_seconds"] = {k: v["seconds"] for k, v in stages.state["stages"].items()}
             _atomic_json(results_path, results)
         state.wait_for_everyone()
+
+    # Plots (optional: need matplotlib) ------------------------------------------------------------------
+    if state.is_main_process:
+        _write_plots(out, scores, os.path.join(out, "distill_log_history.json"))
 
     # 6. Save the final folder (model card, provenance, scores) and push -------------------------------------
     final_dir = os.path.join(out, args.final_subdir) if args.final_subdir else out
@@ -471,4 +512,4 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MinitronRecipeArguments", "format_results", "load_model_and_tokenizer", "load_texts", "run_minitron"]
+__all__ = ["MinitronRecipeArguments", "format_results", "last_complete_checkpoint", "load_model_and_tokenizer", "load_texts", "run_minitron"]

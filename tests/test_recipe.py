@@ -54,7 +54,10 @@ def test_recipe_end_to_end_and_rerun_skips_stages(recipe_assets, tmp_path, monke
     assert "AutoModelForCausalLM.from_pretrained" in card and "Tokens distilled: 1,024" in card
     history = json.load(open(os.path.join(out, "distill_log_history.json")))
     kd = [h["kd_loss"] for h in history if "kd_loss" in h]
-    assert len(kd) == 8 and all(0 <= v < 10 for v in kd)  # loss decrease is tested with a trained teacher in test_distillation_*
+    assert len(kd) == 8 and all(0 <= v < 10 for v in kd)
+    for plot in ("importance.png", "distillation_loss.png"):
+        with open(os.path.join(out, "plots", plot), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"  # loss decrease is tested with a trained teacher in test_distillation_*
 
     # A rerun finds every stage done: no importance pass, no training.
     import hf_minitron.pipeline as pipeline
@@ -78,7 +81,7 @@ def test_recipe_resumes_after_kill_mid_distillation(recipe_assets, tmp_path, mon
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if os.path.isdir(checkpoints) and any(n.startswith("checkpoint-4") for n in os.listdir(checkpoints)):
+            if os.path.isfile(os.path.join(checkpoints, "checkpoint-4", "trainer_state.json")):
                 break
             time.sleep(0.2)
     finally:
@@ -149,3 +152,17 @@ def test_recipe_with_architecture_search(recipe_assets, tmp_path):
     assert final["hidden_size"] == best["config"]["hidden_size"]
     assert results["rows"][-1]["parameters"] == best["num_params"]
     assert os.path.isfile(os.path.join(out, "search", "candidates.md"))
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
+    from hf_minitron.pipeline import last_complete_checkpoint
+
+    assert last_complete_checkpoint(str(tmp_path / "missing")) is None
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()

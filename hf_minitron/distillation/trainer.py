@@ -343,7 +343,8 @@ class DistillationTrainer(SFTTrainer):
         return optimizer
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # The projection goes in first: `Trainer` writes `trainer_state.json` last, so a checkpoint that has it is
+        # complete, projection included, even if the process is killed mid-save.
         if self.projection is not None and self.args.should_save:
             from safetensors.torch import save_file
 
@@ -352,6 +353,7 @@ class DistillationTrainer(SFTTrainer):
             os.makedirs(output_dir, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
             save_file(state, os.path.join(output_dir, PROJECTION_FILE))
+        super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
