@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from hf_minitron.cli import run_recipe
 from hf_minitron.pipeline import RESULTS_NAME, STATE_NAME

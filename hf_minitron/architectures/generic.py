@@ -123,7 +123,6 @@ def infer_layout(model: nn.Module) -> ArchitectureLayout:
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     q_norm = "self_attn.q_norm" if _has(layer, "self_attn.q_norm") else None
     k_norm = "self_attn.k_norm" if _has(layer, "self_attn.k_norm") else None
     scope = "head"
