@@ -191,9 +191,8 @@ def _search(argv: list[str]) -> None:
     eval_blocks = pack_texts(held_out, tokenizer, data.seq_length, 32)
     config = MinitronPruneConfig(num_calibration_samples=args.num_calibration_samples, calibration_seq_length=data.seq_length)
     scores = ImportanceScores.load(args.importance) if args.importance else estimate_importance(model, train_blocks, config)
-    target = int(args.target_params) if args.target_params > 1 else float(args.target_params)
     result = search_architectures(
-        model, scores, target_params=target, tolerance=args.tolerance, search_space=args.search_space,
+        model, scores, target_params=args.target_params, tolerance=args.tolerance, search_space=args.search_space,
         max_candidates=args.max_candidates, retrain_steps=args.retrain_steps, train_dataset=train_blocks,
         eval_dataset=eval_blocks, use_lora=args.use_lora, prune_config=config, tokenizer=tokenizer, seq_length=data.seq_length,
     )

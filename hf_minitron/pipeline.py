@@ -375,9 +375,8 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
             result = SearchResult.load(search_dir)
         else:
             start = time.perf_counter()
-            target = int(args.target_params) if args.target_params > 1 else float(args.target_params)
             result = search_architectures(
-                teacher, scores, target_params=target, tolerance=args.search_tolerance, search_space=args.search_space,
+                teacher, scores, target_params=args.target_params, tolerance=args.search_tolerance, search_space=args.search_space,
                 max_candidates=args.search_max_candidates, retrain_steps=args.search_retrain_steps,
                 train_dataset=train_blocks, eval_dataset=eval_blocks, use_lora=args.search_use_lora,
                 prune_config=prune_config, tokenizer=tokenizer, seq_length=args.seq_length, seed=training_args.seed,

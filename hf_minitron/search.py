@@ -718,6 +718,8 @@ def _free(collect: bool) -> None:
 def _resolve_target(target_params: int | float, source_params: int) -> int:
     if isinstance(target_params, bool) or not isinstance(target_params, (int, float)):
         raise TypeError(f"`target_params` must be an int (parameters) or a float fraction of the source, got {target_params!r}.")
+    if isinstance(target_params, float) and target_params > 1.0 and target_params.is_integer():
+        target_params = int(target_params)  # a count written as a float (YAML `8.0e7`, a float CLI flag)
     if isinstance(target_params, float):
         if not 0.0 < target_params <= 1.0:
             raise ValueError(

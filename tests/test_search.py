@@ -328,3 +328,14 @@ def test_bad_inputs(untied):
         search_architectures(model, scores, target_params=0.6, multiple_of=0)
     with pytest.raises(ValueError, match="max_candidates"):
         search_architectures(model, scores, target_params=0.6, max_candidates=0)
+
+
+def test_whole_float_target_is_a_count(untied):
+    """YAML / CLI give floats: 0.6 is a fraction, 48000.0 a count, 1.5 neither."""
+    model, scores = untied
+    n = _numel(model)
+    as_int = search_architectures(model, scores, target_params=int(0.6 * n), max_candidates=3)
+    as_float = search_architectures(model, scores, target_params=float(int(0.6 * n)), max_candidates=3)
+    assert [c.name for c in as_float] == [c.name for c in as_int] and as_float.target_params == as_int.target_params
+    with pytest.raises(ValueError, match="fractional"):
+        search_architectures(model, scores, target_params=1.5, max_candidates=3)
