@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -72,8 +73,6 @@ def main() -> None:
                           capture_output=True, text=True, check=True)
     diff = (torch.load(f"{folder}/.logits.pt") - expected).abs().max().item()
     for tmp in (".ids.pt", ".logits.pt"):
-        import os
-
         os.remove(f"{folder}/{tmp}")
 
     print(json.dumps({
