@@ -12,10 +12,12 @@ Part 2 (training step): one optimizer step of `DistillationTrainer` vs. `GKDTrai
 forward KL) on the same tiny Llama student/teacher pair with `V = 128,256` and the same batch.
 
 How memory is measured: every method runs in a **fresh subprocess**. After the inputs (and, for part 2, the trainer)
-are built, the process records its peak resident set size `ru_maxrss` (`resource.getrusage`); it then runs the
-measured work and records `ru_maxrss` again. The difference is the *extra peak memory* of the work: every byte torch
-allocates on CPU is resident once written, and `ru_maxrss` is the kernel's high-water mark of resident pages, so it
-sees allocations that `tracemalloc` cannot and that a sampled RSS could miss. A fresh process per method keeps
+are built, the process resets the kernel's peak-RSS mark (`/proc/self/clear_refs`, Linux) and records its resident
+set size; it then runs the measured work and reads the peak (`VmHWM`). The difference is the *extra peak memory* of
+the work: every byte torch allocates on CPU is resident once written, and the high-water mark sees allocations that
+`tracemalloc` cannot and that a sampled RSS could miss. Resetting the mark first matters: setup temporaries freed
+before the work would otherwise hide part of a small peak (without `/proc`, `ru_maxrss` deltas are used instead).
+A fresh process per method keeps
 allocator caches of one method from hiding another's peak. Times are wall-clock, best of `--repeats` runs after
 the memory run (the first run also pays one-off costs). Gradients of each method are saved and compared with those
 of `ours` (`torch.allclose`, rtol 1e-4 / atol 1e-6 in fp32).
@@ -34,12 +36,42 @@ import os
 import resource
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _start_peak() -> int:
+    """Resets the peak-RSS mark (Linux) and returns the baseline to subtract from `_peak_bytes()`.
+
+    Without the reset, setup temporaries freed before the run (e.g. the `randn(V, H) * s` intermediates) already
+    sit in `ru_maxrss` and hide part of the run's own peak, so small peaks were under-reported by a varying amount.
+    """
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return _status_kib("VmRSS") * 1024
+    except (OSError, TypeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; macOS: no reset
+
+
+def _peak_bytes() -> int:
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------------------------- part 1: loss only
@@ -72,11 +104,11 @@ def _loss_worker(method: str, tokens: int, vocab: int, hidden: int, chunk: int, 
         loss.backward()
         return loss
 
-    base = _maxrss_bytes()
+    base = _start_peak()
     t0 = time.perf_counter()
     loss = run()
     first = time.perf_counter() - t0
-    peak = _maxrss_bytes() - base
+    peak = _peak_bytes() - base
     torch.save({"loss": loss.detach(), "h": h_s.grad, "w": w_s.grad}, out)
     times = [first]
     for _ in range(repeats):
@@ -145,11 +177,11 @@ def _step_worker(method: str, tokens: int, vocab: int, hidden: int, chunk: int, 
         model.zero_grad()
         return loss
 
-    base = _maxrss_bytes()
+    base = _start_peak()
     t0 = time.perf_counter()
     loss = step()
     first = time.perf_counter() - t0
-    peak = _maxrss_bytes() - base
+    peak = _peak_bytes() - base
     times = [first]
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -197,46 +229,49 @@ def main() -> None:
 
     import torch
 
-    tmp = tempfile.mkdtemp()
-    methods = a.methods.split(",")
-    if not a.skip_loss:
-        print(f"## KD loss fwd+bwd: N = B·T = {a.tokens}, V = {a.vocab}, H = {a.hidden}, chunk = {a.chunk}, "
-              f"{torch.get_num_threads()} threads")
-        res = {}
-        for m in methods:
-            res[m] = _spawn("loss", m, a, os.path.join(tmp, f"{m}.pt"))
-        ref = torch.load(os.path.join(tmp, "ours.pt")) if "error" not in res.get("ours", {"error": 1}) else None
-        print(f"{'method':8} {'loss':>12} {'extra peak':>11} {'time':>8} {'mem/ours':>9} {'time/ours':>9}  grads==ours")
-        for m, r in res.items():
-            if "error" in r:
-                print(f"{m:8} FAILED: {r['error']}")
-                continue
-            same = "-"
-            if ref is not None and m != "ours":
-                g = torch.load(os.path.join(tmp, f"{m}.pt"))
-                same = all(torch.allclose(g[k], ref[k], rtol=1e-4, atol=1e-6) for k in ("loss", "h", "w"))
-            o = res.get("ours", {})
-            mr = r["peak_bytes"] / o["peak_bytes"] if o.get("peak_bytes") else float("nan")
-            tr = r["time_s"] / o["time_s"] if o.get("time_s") else float("nan")
-            print(f"{m:8} {r['loss']:12.6f} {_gb(r['peak_bytes']):>11} {r['time_s']:7.2f}s {mr:9.3f} {tr:9.3f}  {same}")
-        if "gkd" in res and "ours" in res and "error" not in res["gkd"] and "error" not in res["ours"]:
-            print(f"ours / gkd: peak memory {res['ours']['peak_bytes'] / res['gkd']['peak_bytes']:.3f}x, "
-                  f"time {res['ours']['time_s'] / res['gkd']['time_s']:.3f}x (targets: <= 0.10x, <= 0.5x)")
+    tmp = tempfile.mkdtemp(prefix="bench_kd_loss-")  # gradients of each method, compared then deleted
+    try:
+        methods = a.methods.split(",")
+        if not a.skip_loss:
+            print(f"## KD loss fwd+bwd: N = B·T = {a.tokens}, V = {a.vocab}, H = {a.hidden}, chunk = {a.chunk}, "
+                  f"{torch.get_num_threads()} threads")
+            res = {}
+            for m in methods:
+                res[m] = _spawn("loss", m, a, os.path.join(tmp, f"{m}.pt"))
+            ref = torch.load(os.path.join(tmp, "ours.pt")) if "error" not in res.get("ours", {"error": 1}) else None
+            print(f"{'method':8} {'loss':>12} {'extra peak':>11} {'time':>8} {'mem/ours':>9} {'time/ours':>9}  grads==ours")
+            for m, r in res.items():
+                if "error" in r:
+                    print(f"{m:8} FAILED: {r['error']}")
+                    continue
+                same = "-"
+                if ref is not None and m != "ours":
+                    g = torch.load(os.path.join(tmp, f"{m}.pt"))
+                    same = all(torch.allclose(g[k], ref[k], rtol=1e-4, atol=1e-6) for k in ("loss", "h", "w"))
+                o = res.get("ours", {})
+                mr = r["peak_bytes"] / o["peak_bytes"] if o.get("peak_bytes") else float("nan")
+                tr = r["time_s"] / o["time_s"] if o.get("time_s") else float("nan")
+                print(f"{m:8} {r['loss']:12.6f} {_gb(r['peak_bytes']):>11} {r['time_s']:7.2f}s {mr:9.3f} {tr:9.3f}  {same}")
+            if "gkd" in res and "ours" in res and "error" not in res["gkd"] and "error" not in res["ours"]:
+                print(f"ours / gkd: peak memory {res['ours']['peak_bytes'] / res['gkd']['peak_bytes']:.3f}x, "
+                      f"time {res['ours']['time_s'] / res['gkd']['time_s']:.3f}x (targets: <= 0.10x, <= 0.5x)")
 
-    if not a.skip_step:
-        print(f"\n## One training step: DistillationTrainer vs GKDTrainer(lmbda=0, beta=0), B·T = {a.step_tokens}, "
-              f"V = {a.vocab}, H = {a.hidden}")
-        res = {m: _spawn("step", m, a, os.path.join(tmp, f"step_{m}.pt")) for m in ("ours", "gkd")}
-        print(f"{'trainer':8} {'loss':>12} {'extra peak':>11} {'time':>8}")
-        for m, r in res.items():
-            if "error" in r:
-                print(f"{m:8} FAILED: {r['error']}")
-                continue
-            print(f"{m:8} {r['loss']:12.6f} {_gb(r['peak_bytes']):>11} {r['time_s']:7.2f}s")
-        if all("error" not in r for r in res.values()):
-            print(f"ours / gkd: peak memory {res['ours']['peak_bytes'] / res['gkd']['peak_bytes']:.3f}x, "
-                  f"time {res['ours']['time_s'] / res['gkd']['time_s']:.3f}x")
+        if not a.skip_step:
+            print(f"\n## One training step: DistillationTrainer vs GKDTrainer(lmbda=0, beta=0), B·T = {a.step_tokens}, "
+                  f"V = {a.vocab}, H = {a.hidden}")
+            res = {m: _spawn("step", m, a, os.path.join(tmp, f"step_{m}.pt")) for m in ("ours", "gkd")}
+            print(f"{'trainer':8} {'loss':>12} {'extra peak':>11} {'time':>8}")
+            for m, r in res.items():
+                if "error" in r:
+                    print(f"{m:8} FAILED: {r['error']}")
+                    continue
+                print(f"{m:8} {r['loss']:12.6f} {_gb(r['peak_bytes']):>11} {r['time_s']:7.2f}s")
+            if all("error" not in r for r in res.values()):
+                print(f"ours / gkd: peak memory {res['ours']['peak_bytes'] / res['gkd']['peak_bytes']:.3f}x, "
+                      f"time {res['ours']['time_s'] / res['gkd']['time_s']:.3f}x")
 
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,8 @@ from torch import nn
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
+from .distillation.config import apply_cpu_defaults
+
 
 logger = logging.get_logger(__name__)
 
@@ -21,6 +23,8 @@ logger = logging.get_logger(__name__)
 class TeacherCorrectionConfig(SFTConfig):
     r"""
     [`~trl.SFTConfig`] for teacher correction.
+
+    Like [`DistillationConfig`], on a machine without a CUDA GPU `bf16` and activation checkpointing default to off.
 
     Parameters:
         original_learning_rate (`float`, *optional*):
@@ -49,6 +53,7 @@ class TeacherCorrectionConfig(SFTConfig):
             if self.original_learning_rate <= 0:
                 raise ValueError(f"`original_learning_rate` must be > 0, got {self.original_learning_rate}.")
             self.learning_rate = self.original_learning_rate * self.lr_fraction
+        apply_cpu_defaults(self)
         super().__post_init__()
 
 
@@ -92,6 +97,10 @@ def correct_teacher(
     corrected = trainer.accelerator.unwrap_model(trainer.model)
     if args.use_lora:
         corrected = corrected.merge_and_unload()
+    # TRL (fused LM head) and accelerate (mixed precision) patch `forward` on the instance, closing over the original
+    # object: a `copy.deepcopy` of the teacher (how students are made) would silently run the teacher's forward.
+    for name in ("forward", "_original_forward"):
+        corrected.__dict__.pop(name, None)
     corrected.eval()
     for p in corrected.parameters():
         p.requires_grad_(True)

@@ -12,6 +12,23 @@ from trl import SFTConfig
 from .losses import HIDDEN_STATE_LOSSES, KD_LOSSES
 
 
+def apply_cpu_defaults(config: SFTConfig) -> None:
+    """Unset `bf16` / activation checkpointing become off on a machine without a CUDA GPU (explicit values stay).
+
+    `SFTConfig` turns both on by default; on a CPU-only machine the first fails validation without `use_cpu` and
+    both make steps ~6x slower.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if config.bf16 is None:
+        config.bf16 = False
+    if config.activation_checkpointing is None:
+        config.activation_checkpointing = False
+        config.gradient_checkpointing = False
+
+
 @dataclass
 class DistillationConfig(SFTConfig):
     r"""
@@ -83,16 +100,7 @@ class DistillationConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        import torch
-
-        if not torch.cuda.is_available():
-            # SFTConfig turns on bf16 autocast and activation checkpointing by default; on a CPU-only machine the
-            # first fails validation without `use_cpu` and both make steps ~6x slower. Explicit values are kept.
-            if self.bf16 is None:
-                self.bf16 = False
-            if self.activation_checkpointing is None:
-                self.activation_checkpointing = False
-                self.gradient_checkpointing = False
+        apply_cpu_defaults(self)
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)

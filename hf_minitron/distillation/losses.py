@@ -50,6 +50,19 @@ def _check_kd_loss(kd_loss: str, jsd_beta: float) -> None:
         )
 
 
+def _row_blocks(x: torch.Tensor, elements: int = 1 << 22) -> list[slice]:
+    """Row slices of ``x [N, V]`` holding about ``elements`` values each (~16 MB of fp32 temporaries per block)."""
+    step = max(1, elements // max(1, x.shape[-1]))
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
+
+
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last dim of ``x [N, V]`` in place, block by block: no second ``[N, V]`` buffer."""
+    for rows in _row_blocks(x):
+        x[rows] -= torch.logsumexp(x[rows], dim=-1, keepdim=True)
+    return x
+
+
 def _divergence(
     s_logp: torch.Tensor, t_logp: torch.Tensor, kd_loss: str, jsd_beta: float, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,15 +75,18 @@ def _divergence(
                                                     d/ds = p ⊙ (g - <p, g>),  g = (1-β)(log p - log m)
     """
     if kd_loss == "forward_kl":
-        # The Minitron default, written in place to keep ~3 [N, V] buffers alive: the inputs are consumed.
-        q = t_logp.exp()
-        diff = t_logp.sub_(s_logp).mul_(q)  # q (log q - log p)
-        per_row = diff.sum(-1)
-        bad = ~torch.isfinite(per_row)
-        if bad.any():  # only -inf teacher logits give 0 · (-inf): use the 0 · log 0 = 0 convention on those rows
-            per_row[bad] = diff[bad].masked_fill_(q[bad] == 0, 0.0).sum(-1)
-        del diff
-        grad = s_logp.exp_().sub_(q) if need_grad else None  # p - q
+        # The Minitron default. Only the two inputs stay [N, V]: the divergence is summed a few rows at a time, then
+        # both inputs are consumed in place into the gradient.
+        per_row = torch.empty(s_logp.shape[:-1], dtype=s_logp.dtype, device=s_logp.device)
+        for rows in _row_blocks(s_logp):
+            q = t_logp[rows].exp()
+            diff = (t_logp[rows] - s_logp[rows]).mul_(q)  # q (log q - log p)
+            block = diff.sum(-1)
+            bad = ~torch.isfinite(block)
+            if bad.any():  # only -inf teacher logits give 0 · (-inf): use the 0 · log 0 = 0 convention on those rows
+                block[bad] = diff[bad].masked_fill_(q[bad] == 0, 0.0).sum(-1)
+            per_row[rows] = block
+        grad = s_logp.exp_().sub_(t_logp.exp_()) if need_grad else None  # p - q
         return per_row, grad
     p = s_logp.exp()
     if kd_loss == "reverse_kl":
@@ -228,10 +244,11 @@ class _FusedLinearKD(torch.autograd.Function):
                     if need_grad and ce_weight != 0.0:
                         g_ce = s_logp1.exp_().scatter_add_(-1, tgt, torch.full_like(s_logp1[:, :1], -1.0))
                     del s_logp1
-                s_logp = torch.log_softmax(s_logits if tau == 1.0 else s_logits.div_(tau), dim=-1)
+                # In place: with the CE gradient off, at most two [C, V] buffers are ever alive
+                s_logp = _log_softmax_(s_logits if tau == 1.0 else s_logits.div_(tau))
                 del s_logits
                 t_logits, _ = _project(t_h[start:end], t_w, t_b, t_softcap)  # [C, V] fp32
-                t_logp = torch.log_softmax(t_logits if tau == 1.0 else t_logits.div_(tau), dim=-1)
+                t_logp = _log_softmax_(t_logits if tau == 1.0 else t_logits.div_(tau))
                 del t_logits
                 per_row, g = _divergence(s_logp, t_logp, kd_loss, jsd_beta, need_grad)
                 del s_logp, t_logp
