@@ -74,6 +74,22 @@ def _peak_bytes() -> int:
     return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _measure(fn, repeats: int, after_first=None) -> tuple[object, int, float]:
+    """``(result of the first call, its extra peak bytes, best wall time over it and `repeats` more calls)``."""
+    base = _start_peak()
+    t0 = time.perf_counter()
+    result = fn()
+    times = [time.perf_counter() - t0]
+    peak = _peak_bytes() - base
+    if after_first is not None:
+        after_first(result)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return result, peak, min(times)
+
+
 # ---------------------------------------------------------------------------------------------- part 1: loss only
 def _loss_worker(method: str, tokens: int, vocab: int, hidden: int, chunk: int, repeats: int, out: str) -> dict:
     import torch
@@ -104,18 +120,11 @@ def _loss_worker(method: str, tokens: int, vocab: int, hidden: int, chunk: int, 
         loss.backward()
         return loss
 
-    base = _start_peak()
-    t0 = time.perf_counter()
-    loss = run()
-    first = time.perf_counter() - t0
-    peak = _peak_bytes() - base
-    torch.save({"loss": loss.detach(), "h": h_s.grad, "w": w_s.grad}, out)
-    times = [first]
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"loss": float(loss), "peak_bytes": peak, "time_s": min(times)}
+    def save(loss):  # the first run's gradients, before the timed repeats overwrite them
+        torch.save({"loss": loss.detach(), "h": h_s.grad, "w": w_s.grad}, out)
+
+    loss, peak, best = _measure(run, repeats, after_first=save)
+    return {"loss": float(loss), "peak_bytes": peak, "time_s": best}
 
 
 # ---------------------------------------------------------------------------------------- part 2: training step
@@ -177,17 +186,8 @@ def _step_worker(method: str, tokens: int, vocab: int, hidden: int, chunk: int, 
         model.zero_grad()
         return loss
 
-    base = _start_peak()
-    t0 = time.perf_counter()
-    loss = step()
-    first = time.perf_counter() - t0
-    peak = _peak_bytes() - base
-    times = [first]
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"loss": float(loss), "peak_bytes": peak, "time_s": min(times), "tokens": batch * seq}
+    loss, peak, best = _measure(step, repeats)
+    return {"loss": float(loss), "peak_bytes": peak, "time_s": best, "tokens": batch * seq}
 
 
 # --------------------------------------------------------------------------------------------------------- driver

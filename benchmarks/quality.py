@@ -47,11 +47,14 @@ from hf_minitron import (
     load_default_corpus,
     load_text_file,
     prune_model,
+    save_pruned_model,
 )
 from hf_minitron.data import pack_texts
 from hf_minitron.embedded import load_smollm2
 from hf_minitron.evaluation import perplexity
 from hf_minitron.importance.baselines import magnitude_importance, random_importance
+from hf_minitron.pipeline import _atomic_json
+from hf_minitron.plots import _pyplot
 from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teacher
 
 
@@ -100,10 +103,7 @@ class Results:
 
     def add(self, name: str, **row: Any) -> None:
         self.data["rows"][name] = row
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
+        _atomic_json(self.path, self.data)
 
 
 def num_params(model) -> int:
@@ -153,13 +153,13 @@ def main() -> None:
     # 1. Zero-shot ------------------------------------------------------------------------------------------------
     if not results.has("teacher"):
         score("teacher", teacher, "teacher")
+    calib_config = MinitronPruneConfig(num_calibration_samples=len(calib), calibration_seq_length=args.calib_seq_length)
     scores_path = os.path.join(args.output_dir, "importance.safetensors")
     if os.path.isfile(scores_path):
         scores = ImportanceScores.load(scores_path)
     else:
         start = time.perf_counter()
-        cfg = MinitronPruneConfig(num_calibration_samples=len(calib), calibration_seq_length=args.calib_seq_length)
-        scores = estimate_importance(teacher, calib, cfg)
+        scores = estimate_importance(teacher, calib, calib_config)
         # Per-layer perplexity (one pass per dropped layer) on a smaller calibration subset
         depth_cfg = MinitronPruneConfig(
             num_calibration_samples=args.depth_calib_samples, calibration_seq_length=args.calib_seq_length, depth_criterion="perplexity"
@@ -284,6 +284,7 @@ def main() -> None:
     tc_rows = ("teacher (corrected)", "width (corrected teacher): zero-shot", "width (corrected teacher): KD (forward KL)",
                "width (corrected teacher): KD + CE (0.5 / 0.5)")
     if not skipped("teacher (corrected)") and not all(results.has(r) for r in tc_rows):
+        tc_seconds = {}
         if os.path.isfile(os.path.join(corrected_dir, "config.json")):
             corrected = AutoModelForCausalLM.from_pretrained(corrected_dir, dtype=torch.float32).eval()
         else:
@@ -294,16 +295,11 @@ def main() -> None:
                 **{**common, "learning_rate": args.teacher_correction_lr},
             )
             corrected = correct_teacher(trainable(copy.deepcopy(teacher)), tc_args, train_dataset, processing_class=tok)
-            seconds = time.perf_counter() - start
-            corrected.save_pretrained(corrected_dir)
-            if not results.has("teacher (corrected)"):
-                score("teacher (corrected)", corrected, "teacher", train_seconds=seconds, tokens=tokens_per_run, learning_rate=args.teacher_correction_lr)
+            tc_seconds = {"train_seconds": time.perf_counter() - start}
+            save_pruned_model(corrected, corrected_dir, overwrite=True)  # atomic: a resume never finds half a model
         if not results.has("teacher (corrected)"):
-            score("teacher (corrected)", corrected, "teacher", tokens=tokens_per_run, learning_rate=args.teacher_correction_lr)
-        corrected_scores = estimate_importance(
-            corrected, calib, MinitronPruneConfig(num_calibration_samples=len(calib), calibration_seq_length=args.calib_seq_length),
-            show_progress=False,
-        )
+            score("teacher (corrected)", corrected, "teacher", tokens=tokens_per_run, learning_rate=args.teacher_correction_lr, **tc_seconds)
+        corrected_scores = estimate_importance(corrected, calib, calib_config, show_progress=False)
         if not results.has(tc_rows[1]):
             score(tc_rows[1], width_student(corrected, corrected_scores), "zero-shot width")
         train(tc_rows[2], width_student(corrected, corrected_scores), "trained width", corrected)
@@ -337,10 +333,7 @@ def print_tables(rows: dict[str, dict], tokens_per_run: int, zero_shot_ref: str)
 
 def write_plots(rows: dict[str, dict], plot_dir: str, tokens_per_run: int) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib).")
         return
