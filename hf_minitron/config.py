@@ -14,6 +14,26 @@ CONFIG_NAME = "minitron_prune_config.json"
 
 AGGREGATIONS = ("l2", "mean", "var")
 DEPTH_CRITERIA = ("block_importance", "perplexity")
+# Which recorded activations make the per-channel hidden score (see `ImportanceScores.hidden_scores`):
+#   "matmul_inputs":        the activations that enter a matmul reading the hidden axis: pre-sublayer norm outputs
+#                           (q/k/v and gate/up inputs), the final norm output (lm_head input), and the residual stream
+#                           itself where a sublayer has no pre-norm (OLMo2). The papers' models are pre-norm only, so
+#                           there this is exactly their "LayerNorm activations"; post-sublayer (sandwich) norms are
+#                           left out.
+#   "pre_sublayer":         "matmul_inputs" without the final norm: only what the attention and MLP sublayers read.
+#   "all_norms":            every norm's output, pre- and post-sublayer (hf-minitron 0.1).
+#   "all_norms_normalized": every norm's output, each norm's scores divided by their mean before summing.
+#   "residual":             the residual stream (each decoder layer's output).
+HIDDEN_IMPORTANCE_SOURCES = ("matmul_inputs", "pre_sublayer", "all_norms", "all_norms_normalized", "residual")
+# How norm gains are corrected after hidden channels (or whole-projection q/k norm heads) are dropped:
+#   "calibrated": each norm's gain is scaled so that the RMS over the kept channels matches the RMS over all of them,
+#                 from the share of its input energy E[x^2] the kept channels carried on the calibration data
+#                 (sqrt(share * H / H')); LayerNorm also shifts its bias by the change of mean. Equals "sqrt" when
+#                 the dropped channels carried no energy.
+#   "sqrt":       every gain times sqrt(H / H') (hf-minitron 0.1's `rescale_norms=True`): exact when the dropped
+#                 channels are zero.
+#   "none":       gains kept as they are (`rescale_norms=False`).
+NORM_CORRECTIONS = ("calibrated", "sqrt", "none")
 TARGET_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 
 
@@ -38,8 +58,21 @@ class MinitronPruneConfig(PushToHubMixin):
             query heads absorb the strongest pruned ones (``h_i <- 2 h_i - h_j`` on query rows and ``o_proj``
             columns). Off by default: measured on SmolLM2-135M (9 -> 6 heads), it raised zero-shot held-out
             WikiText-2 perplexity from 284 to 2.5M (docs/results.md).
-        rescale_norms: After hidden pruning, multiply every norm's gain by sqrt(H_old / H_new), so the RMS
-            over the kept channels matches the RMS over all of them when the dropped channels are small.
+        rescale_norms: Norm-gain correction after hidden pruning (and after dropping heads under a q/k norm that
+            spans the whole projection, OLMo2), one of ``NORM_CORRECTIONS``: ``"calibrated"`` (default) scales each
+            norm's gain by ``sqrt(s * H / H')``, where ``s`` is the share of that norm's input energy ``E[x^2]`` the
+            kept channels carried on the calibration data, so the RMS over the kept channels matches what the norm
+            computed over all of them (LayerNorm families also shift the bias by the change of mean);
+            ``"sqrt"`` multiplies every gain by ``sqrt(H / H')`` (exact only when the dropped channels are zero);
+            ``"none"`` keeps the gains. ``True``/``False`` (hf-minitron 0.1) mean ``"sqrt"``/``"none"``. Scores
+            without recorded norm statistics (magnitude, random, 0.1 files) fall back from ``"calibrated"`` to
+            ``"sqrt"``. Chosen by measurement on SmolLM2-135M and Gemma-3-270M (docs/results.md).
+        hidden_importance_source: Which recorded activations rank hidden channels, one of
+            ``HIDDEN_IMPORTANCE_SOURCES``: ``"matmul_inputs"`` (default: what the q/k/v, gate/up and lm_head matmuls
+            read, i.e. the pre-sublayer and final norms' outputs, or the residual stream where a sublayer has no
+            pre-norm), ``"all_norms"`` (every norm's output, post-sublayer "sandwich" norms included: hf-minitron
+            0.1), ``"all_norms_normalized"`` (each norm's scores scaled to mean 1 before summing) or ``"residual"``
+            (each layer's output). A pruning-time choice: one importance pass records every source.
         num_calibration_samples: Calibration sequences to use (the papers use 1024).
         calibration_seq_length: Tokens per calibration sequence when text is tokenized for you.
         calibration_batch_size: Sequences per forward pass.
@@ -61,7 +94,9 @@ class MinitronPruneConfig(PushToHubMixin):
     batch_aggregation: str = "l2"
     sequence_aggregation: str = "mean"
     depth_criterion: str = "block_importance"
-    rescale_norms: bool = True
+    # Typed `str` so command-line parsing (TrlParser) accepts the named values; True/False are accepted too.
+    rescale_norms: str = "calibrated"
+    hidden_importance_source: str = "matmul_inputs"
     merge_pruned_heads: bool = False
     num_calibration_samples: int = 1024
     calibration_seq_length: int = 512
@@ -76,6 +111,19 @@ class MinitronPruneConfig(PushToHubMixin):
         for name in ("batch_aggregation", "sequence_aggregation"):
             if getattr(self, name) not in AGGREGATIONS:
                 raise ValueError(f"`{name}` must be one of {AGGREGATIONS}, got {getattr(self, name)!r}.")
+        legacy = {"true": "sqrt", "false": "none"}  # hf-minitron 0.1's boolean, from Python, YAML or a flag
+        if isinstance(self.rescale_norms, bool):
+            self.rescale_norms = "sqrt" if self.rescale_norms else "none"
+        elif isinstance(self.rescale_norms, str) and self.rescale_norms.lower() in legacy:
+            self.rescale_norms = legacy[self.rescale_norms.lower()]
+        if self.rescale_norms not in NORM_CORRECTIONS:
+            raise ValueError(
+                f"`rescale_norms` must be one of {NORM_CORRECTIONS} (or True/False for 'sqrt'/'none'), got {self.rescale_norms!r}."
+            )
+        if self.hidden_importance_source not in HIDDEN_IMPORTANCE_SOURCES:
+            raise ValueError(
+                f"`hidden_importance_source` must be one of {HIDDEN_IMPORTANCE_SOURCES}, got {self.hidden_importance_source!r}."
+            )
         if self.depth_criterion not in DEPTH_CRITERIA:
             raise ValueError(f"`depth_criterion` must be one of {DEPTH_CRITERIA}, got {self.depth_criterion!r}.")
         if self.layers_to_drop is not None:

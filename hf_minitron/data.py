@@ -61,14 +61,47 @@ def load_text_file(path: str, split: str = "all", eval_fraction: float = 0.1) ->
     return [d for i, d in enumerate(docs) if (i % every == every - 1) == (split == "eval")]
 
 
-def pack_texts(texts: Sequence[str], tokenizer, seq_length: int, max_samples: int | None = None) -> list[torch.Tensor]:
+def expected_bos_token_id(tokenizer) -> int | None:
+    """The BOS id the model expects at the start of every sequence, or ``None``.
+
+    A tokenizer that puts its BOS token first when it adds special tokens (Gemma, Llama-3) was paired with a model
+    trained on sequences that start with it; one that does not (SmolLM2, Qwen) was not.
+
+    Example:
+        >>> expected_bos_token_id(gemma_tokenizer)  # 2  # doctest: +SKIP
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode a probe adds nothing we can detect
+        return None
+    return bos if len(ids) > 0 and ids[0] == bos else None
+
+
+def pack_texts(
+    texts: Sequence[str], tokenizer, seq_length: int, max_samples: int | None = None, add_bos: bool | None = None
+) -> list[torch.Tensor]:
     """Tokenize texts, join them with EOS and cut the stream into ``seq_length``-token samples.
 
-    The last partial block is kept only when no full block exists (tiny corpora still calibrate).
+    With ``add_bos`` (default: when :func:`expected_bos_token_id` finds that the model expects one) every sample
+    starts with the tokenizer's BOS token followed by ``seq_length - 1`` stream tokens, so calibration, training and
+    evaluation windows all look like the sequences the model was trained on. The last partial block is kept only
+    when no full block exists (tiny corpora still calibrate).
+
+    Example:
+        >>> blocks = pack_texts(texts, tokenizer, seq_length=256, max_samples=64)  # doctest: +SKIP
     """
     eos = tokenizer.eos_token_id
+    bos = expected_bos_token_id(tokenizer) if add_bos is None else (tokenizer.bos_token_id if add_bos else None)
+    if add_bos and bos is None:
+        raise ValueError("`add_bos=True` but the tokenizer has no `bos_token_id`.")
+    body = seq_length - (bos is not None)  # stream tokens per sample
+    if body < 1:
+        raise ValueError(f"`seq_length` must be >= 2 to hold a BOS token and one text token, got {seq_length}.")
     stream: list[int] = []
-    needed = None if max_samples is None else max_samples * seq_length
+    needed = None if max_samples is None else max_samples * body
     for text in texts:
         if not text:
             continue
@@ -77,12 +110,13 @@ def pack_texts(texts: Sequence[str], tokenizer, seq_length: int, max_samples: in
             stream.append(eos)
         if needed is not None and len(stream) >= needed:
             break
-    blocks = [stream[i : i + seq_length] for i in range(0, len(stream) - seq_length + 1, seq_length)]
+    blocks = [stream[i : i + body] for i in range(0, len(stream) - body + 1, body)]
     if not blocks and stream:
         blocks = [stream]
     if max_samples is not None:
         blocks = blocks[:max_samples]
-    return [torch.tensor(b, dtype=torch.long) for b in blocks]
+    prefix = [] if bos is None else [bos]
+    return [torch.tensor(prefix + b, dtype=torch.long) for b in blocks]
 
 
 def _rows_of(input_ids: Any, attention_mask: Any = None) -> list[tuple[torch.Tensor, torch.Tensor]]:

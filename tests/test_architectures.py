@@ -152,10 +152,48 @@ def test_generic_inference_agrees_with_the_registry(name):
     for attr in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj",
                  "q_norm", "k_norm", "norm_kind", "embed_scale"):
         assert getattr(inferred, attr) == getattr(registered, attr), attr
-    assert set(inferred.layer_norms) == set(registered.layer_norms)
+    assert inferred.layer_norm_roles == registered.layer_norm_roles
     if registered.q_norm is not None:
         assert inferred.qk_norm_scope == registered.qk_norm_scope
     assert probe_norm_kind(model.get_submodule(registered.final_norm)) == registered.norm_kind
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_norm_roles_feed_the_projections_the_registry_says(name):
+    # Pre-sublayer norms: their output is exactly what q/k/v (gate/up) read. Post-sublayer norms: their input is
+    # exactly what o_proj (down_proj) wrote. No pre-norm (OLMo2): the attention reads the layer's input itself.
+    model = make(name)
+    layout = get_layout(model)
+    layer = layout.decoder_layers(model)[1]
+    seen = {}
+
+    def record(key):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[key] = (x.detach(), (output[0] if isinstance(output, tuple) else output).detach())
+        return hook
+
+    attn_in = layout.q_proj or layout.qkv_proj
+    mlp_in = layout.gate_proj or layout.gate_up_proj or layout.up_proj
+    paths = {*layout.layer_norms, attn_in, mlp_in, layout.o_proj, layout.down_proj}
+    handles = [layer.get_submodule(p).register_forward_hook(record(p), with_kwargs=True) for p in paths]
+    handles.append(layer.register_forward_hook(record("layer"), with_kwargs=True))
+    logits(model)
+    for h in handles:
+        h.remove()
+    expected = {  # role -> (tensor the norm touches, tensor it must equal)
+        "pre_attention": lambda n: (seen[n][1], seen[attn_in][0]),
+        "pre_mlp": lambda n: (seen[n][1], seen[mlp_in][0]),
+        "post_attention": lambda n: (seen[n][0], seen[layout.o_proj][1]),
+        "post_mlp": lambda n: (seen[n][0], seen[layout.down_proj][1]),
+    }
+    for norm, role in layout.layer_norm_roles.items():
+        torch.testing.assert_close(*expected[role](norm), atol=0, rtol=0, msg=f"{name}: {norm} is not {role}")
+    if layout.attention_norm is None:
+        torch.testing.assert_close(seen[attn_in][0], seen["layer"][0], atol=0, rtol=0)
+    assert set(layout.layer_norms) == {
+        n for n, child in layer.named_children() if n not in (layout.attention, layout.mlp) and hasattr(child, "weight")
+    }, "every norm of the layer has a role"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -338,9 +376,10 @@ def test_generic_fallback_non_gated_mlp():
 
 
 def test_unmatched_structure_error_lists_registered_families():
-    # Cohere's q_norm has a weight per head and channel ([heads, head_dim]): not a structure the registry knows.
+    # Cohere runs attention and MLP in parallel from one norm (and its q_norm has a weight per head and channel):
+    # not a structure the registry knows.
     model = _tiny(T.CohereConfig, T.CohereForCausalLM, use_qk_norm=True)
-    with pytest.raises(ValueError, match=r"Unsupported architecture 'cohere'.*q_norm.*supports model_type in \[.*'gemma2'.*'nemotron'.*'qwen3'"):
+    with pytest.raises(ValueError, match=r"Unsupported architecture 'cohere'.*parallel block.*supports model_type in \[.*'gemma2'.*'nemotron'.*'qwen3'"):
         prune_model(model, MinitronPruneConfig(hidden_size=48), calibration_data=random_batches(num=1))
 
 
@@ -366,3 +405,55 @@ def test_phi3_longrope_config_that_would_not_reload_is_refused():
         prune_model(model, MinitronPruneConfig(hidden_size=48, num_attention_heads=4), importance=scores)
     pruned = prune_model(model, MinitronPruneConfig(hidden_size=32, num_attention_heads=4), importance=scores)  # ratio kept
     assert pruned.config.hidden_size // pruned.config.num_attention_heads == pruned.config.head_dim
+
+
+# ---------------------------------------------------------------------------- depth: per-layer config fields
+@pytest.mark.parametrize("name", NAMES)
+def test_every_per_layer_config_list_is_registry_data(name):
+    # A config list with one entry per layer must be re-indexed when layers go: the registry has to name it.
+    model = make(name)
+    layout = get_layout(model)
+    per_layer = {k for k, v in model.config.to_dict().items() if isinstance(v, list) and len(v) == SIZES["num_hidden_layers"]}
+    assert per_layer <= set(layout.per_layer_config_fields), per_layer - set(layout.per_layer_config_fields)
+
+
+LAYER_SCORED = {
+    "gemma2": {},
+    "gemma3_text": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, layer_types=None),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYER_SCORED))
+def test_layer_perplexity_scores_the_model_depth_pruning_produces(name):
+    # Sliding-window families: without re-indexing `layer_types`, a layer's score would come from a model whose later
+    # layers run their neighbour's attention type. Windows (4-6 tokens) shorter than the 16-token samples make it count.
+    from hf_minitron.evaluation import perplexity
+
+    model = make(name, **LAYER_SCORED[name])
+    types = model.config.layer_types
+    assert len(set(types)) == 2, types
+    batches = random_batches(num=2, batch=4, seq=16)
+    config = MinitronPruneConfig(num_calibration_samples=8, calibration_batch_size=4, depth_criterion="perplexity")
+    scores = estimate_importance(model, batches, config, show_progress=False)
+    samples = [row for b in batches for row in b]
+    for k in range(SIZES["num_hidden_layers"]):
+        pruned = prune_model(copy.deepcopy(model), MinitronPruneConfig(layers_to_drop=[k]))
+        expected = perplexity(pruned, samples, seq_length=16, batch_size=4, show_progress=False)
+        assert scores.layer_perplexity[k].item() == pytest.approx(expected, rel=1e-4), k
+    assert model.config.layer_types == types and len(model.model.layers) == SIZES["num_hidden_layers"]  # restored
+
+
+def test_qwen2_max_window_layers_follows_depth_pruning(tmp_path):
+    # Layers below max_window_layers use full attention: after pruning it counts the kept layers below it, so a config
+    # rebuilt from it (as vLLM or an older transformers would, from max_window_layers) gives the same attention types.
+    model = make("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=2, layer_types=None)
+    assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    pruned = prune_model(model, MinitronPruneConfig(layers_to_drop=[0, 3]))
+    assert pruned.config.layer_types == ["full_attention", "sliding_attention"]
+    assert pruned.config.max_window_layers == 1
+    derived = T.Qwen2Config(**{**pruned.config.to_dict(), "layer_types": None})
+    assert derived.layer_types == pruned.config.layer_types
+    pruned.save_pretrained(tmp_path)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), logits(pruned), atol=1e-6, rtol=0)

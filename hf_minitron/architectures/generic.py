@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .layout import ArchitectureLayout
+from .layout import NORM_ROLES, ArchitectureLayout
 
 
 logger = logging.get_logger(__name__)
@@ -75,6 +75,65 @@ def probe_norm_kind(norm: nn.Module) -> str:
     return kind
 
 
+@torch.no_grad()
+def probe_norm_roles(
+    model: nn.Module, layer: nn.Module, norms: tuple[str, ...], attn_in: str, mlp_in: str, o_proj: str, down_proj: str
+) -> dict[str, str]:
+    """The role (a key of ``NORM_ROLES``) of each of ``layer``'s norms, found by one forward over three tokens.
+
+    A norm whose output is what the attention's (MLP's) first projection reads is its pre-norm; a norm whose input is
+    what ``o_proj`` (``down_proj``) wrote is a post-sublayer norm.
+
+    Raises:
+        ValueError: the forward fails, or a norm matches no role (or two norms claim one).
+    """
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(key: str):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen[key] = (args[0].detach(), out.detach())
+
+        return hook
+
+    handles = [layer.get_submodule(p).register_forward_hook(record(p)) for p in (*norms, attn_in, mlp_in, o_proj, down_proj)]
+    device = model.get_submodule("model.embed_tokens").weight.device
+    vocab = model.get_submodule("model.embed_tokens").weight.shape[0]
+    try:
+        model(input_ids=torch.arange(3, device=device).remainder(vocab).unsqueeze(0), use_cache=False)
+    except Exception as err:  # noqa: BLE001 - any failure means the structure could not be probed
+        raise ValueError(f"a probing forward pass failed ({type(err).__name__}: {err})") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6)
+
+    roles: dict[str, str] = {}
+    for name in norms:
+        norm_in, norm_out = seen[name]
+        matches = [
+            role for role, hit in (
+                ("pre_attention", same(norm_out, seen[attn_in][0])),
+                ("pre_mlp", same(norm_out, seen[mlp_in][0])),
+                ("post_attention", same(norm_in, seen[o_proj][1])),
+                ("post_mlp", same(norm_in, seen[down_proj][1])),
+            ) if hit
+        ]
+        if matches == ["pre_attention", "pre_mlp"]:
+            raise ValueError(f"the norm `{name}` feeds both the attention and the MLP (a parallel block, not supported)")
+        if len(matches) != 1:
+            raise ValueError(
+                f"the norm `{name}` neither feeds the attention / MLP projections nor normalises their output "
+                f"(matched roles {matches})"
+            )
+        roles[name] = matches[0]
+    if len(set(roles.values())) != len(roles):
+        raise ValueError(f"two norms share a role: {roles}")
+    return roles
+
+
 def infer_layout(model: nn.Module) -> ArchitectureLayout:
     """Build an :class:`ArchitectureLayout` for an unregistered Llama-like ``*ForCausalLM``.
 
@@ -133,6 +192,10 @@ def infer_layout(model: nn.Module) -> ArchitectureLayout:
         elif size != head_dim:
             raise ValueError(f"`self_attn.q_norm` has {size} channels, neither head_dim={head_dim} nor heads * head_dim")
 
+    attn_in = attn[0] or attn[3]
+    mlp_in = next(p for p in (mlp[0], mlp[2], mlp[1]) if p is not None)
+    roles = probe_norm_roles(model, layer, norms, attn_in, mlp_in, attn[4], mlp[3])
+
     embed = model.get_submodule("model.embed_tokens")
     embed_scale = None
     scale = getattr(embed, "embed_scale", None)
@@ -153,13 +216,14 @@ def infer_layout(model: nn.Module) -> ArchitectureLayout:
         q_proj=attn[0], k_proj=attn[1], v_proj=attn[2], qkv_proj=attn[3], o_proj=attn[4],
         q_norm=q_norm, k_norm=k_norm, qk_norm_scope=scope,
         gate_proj=mlp[0], up_proj=mlp[1], gate_up_proj=mlp[2], down_proj=mlp[3],
-        layer_norms=norms, norm_kind=kinds.pop(), embed_scale=embed_scale,
+        **{attr: None for attr in NORM_ROLES.values()} | {NORM_ROLES[role]: name for name, role in roles.items()},
+        norm_kind=kinds.pop(), embed_scale=embed_scale,
         per_layer_config_fields=per_layer,
     )
     layout.check_model(model)
     logger.warning_once(
         f"model_type {config.model_type!r} is not a registered family: using a layout inferred from its module names "
-        f"({layout.norm_kind} norms {list(norms)}, per-layer config lists {list(per_layer)}). Check the pruned model "
+        f"({layout.norm_kind} norms {roles}, per-layer config lists {list(per_layer)}). Check the pruned model "
         "(e.g. its logits after a no-op prune) and consider registering the layout."
     )
     return layout

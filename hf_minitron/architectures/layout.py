@@ -34,6 +34,19 @@ QK_NORM_SCOPES = ("head", "projection")
 #   "sqrt_hidden": multiplied by sqrt(hidden_size), computed from the config at construction (Gemma 1/2/3).
 EMBED_SCALES = (None, "sqrt_hidden")
 
+# Roles of the per-layer norms, in forward order (the layout field that holds each one):
+#   "pre_attention":  output enters q/k/v                              (``attention_norm``)
+#   "post_attention": normalises the attention output before the add   (``attention_output_norm``; Gemma2/3, OLMo2)
+#   "pre_mlp":        output enters gate/up                            (``mlp_norm``)
+#   "post_mlp":       normalises the MLP output before the add         (``mlp_output_norm``; Gemma2/3, OLMo2)
+# plus "final" (the final norm; its output enters lm_head) and the q/k norms (``q_norm``/``k_norm``).
+NORM_ROLES = {
+    "pre_attention": "attention_norm",
+    "post_attention": "attention_output_norm",
+    "pre_mlp": "mlp_norm",
+    "post_mlp": "mlp_output_norm",
+}
+
 # Sizes a module attribute can mirror (see ``attention_attributes`` and friends).
 SIZE_NAMES = ("hidden", "intermediate", "heads", "kv_heads", "kv_groups")
 
@@ -82,9 +95,15 @@ class ArchitectureLayout:
     up_proj: str | None = "mlp.up_proj"
     gate_up_proj: str | None = None
     down_proj: str = "mlp.down_proj"
-    # Every per-layer norm whose output lives on the hidden axis: pre-norms feeding attention/MLP and post-norms
-    # whose output is added to the residual (Gemma2/3, OLMo2). Their outputs are the hidden-channel evidence.
-    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # Per-layer norms on the hidden axis, by role (see NORM_ROLES). A *pre-sublayer* norm's output is what the
+    # sublayer's first matmul reads (q/k/v, gate/up); a *post-sublayer* ("sandwich", OLMo2-style) norm normalises the
+    # sublayer's output before it is added to the residual stream. ``None``: the family has no norm in that place
+    # (OLMo2's attention and MLP read the raw residual stream). Llama names its pre-MLP norm
+    # `post_attention_layernorm`; Gemma 2/3 use that name for the post-attention sandwich norm.
+    attention_norm: str | None = "input_layernorm"
+    mlp_norm: str | None = "post_attention_layernorm"
+    attention_output_norm: str | None = None
+    mlp_output_norm: str | None = None
     norm_kind: str = "rms"
     # Embedding scale that depends on hidden_size (see EMBED_SCALES); the attributes of the embedding module
     # that cache it (a non-persistent buffer and/or a float), rewritten after hidden pruning.
@@ -97,8 +116,11 @@ class ArchitectureLayout:
     num_kv_heads_field: str = "num_key_value_heads"
     num_layers_field: str = "num_hidden_layers"
     head_dim_field: str = "head_dim"
-    # Config lists with one entry per layer, re-indexed on depth pruning.
+    # Config lists with one entry per layer, re-indexed on depth pruning (and while a layer is scored out).
     per_layer_config_fields: tuple[str, ...] = ("layer_types",)
+    # Config integers that count a prefix of the layers (Qwen2/3 `max_window_layers`: layers below it use full
+    # attention). After depth pruning each becomes the number of kept layers below its old value.
+    layer_prefix_config_fields: tuple[str, ...] = ()
     # Module attributes that cache sizes and must follow the new shapes. Each maps an attribute name to the
     # size it mirrors (one of SIZE_NAMES). Attributes a module does not have are skipped.
     attention_attributes: dict[str, str] = field(
@@ -128,6 +150,9 @@ class ArchitectureLayout:
             raise ValueError("A fused gate_up_proj replaces gate_proj and up_proj: set those to None.")
         if self.gate_up_proj is None and self.up_proj is None:
             raise ValueError("The MLP needs an up_proj (non-gated / gated) or a fused gate_up_proj.")
+        paths = [p for p in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm) if p]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"A norm can hold one role only; got the same path twice in {paths}.")
         for name in ("attention_attributes", "mlp_attributes", "layer_attributes"):
             bad = {k: v for k, v in getattr(self, name).items() if v not in SIZE_NAMES}
             if bad:
@@ -137,6 +162,16 @@ class ArchitectureLayout:
     @property
     def family(self) -> str:
         return self.model_types[0]
+
+    @property
+    def layer_norm_roles(self) -> dict[str, str]:
+        """``{norm path within a layer: role}`` for every per-layer hidden-axis norm, in forward order."""
+        return {getattr(self, attr): role for role, attr in NORM_ROLES.items() if getattr(self, attr) is not None}
+
+    @property
+    def layer_norms(self) -> tuple[str, ...]:
+        """Every per-layer norm on the hidden axis (pre- and post-sublayer), in forward order."""
+        return tuple(self.layer_norm_roles)
 
     def get(self, root: nn.Module, path: str | None) -> nn.Module | None:
         """Return the sub-module at dotted ``path`` of ``root`` (``None`` if ``path`` is ``None``)."""
@@ -149,11 +184,15 @@ class ArchitectureLayout:
 
     def norm_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every norm whose output lives on the hidden axis: per-layer norms, then the final norm."""
+        return [(path, module) for path, module, _ in self.norm_modules_with_roles(model)]
+
+    def norm_modules_with_roles(self, model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+        """``(path, module, role)`` of every hidden-axis norm: per-layer norms in forward order, then ``"final"``."""
         norms = []
         for i, layer in enumerate(self.decoder_layers(model)):
-            for name in self.layer_norms:
-                norms.append((f"{self.layers}.{i}.{name}", layer.get_submodule(name)))
-        norms.append((self.final_norm, model.get_submodule(self.final_norm)))
+            for name, role in self.layer_norm_roles.items():
+                norms.append((f"{self.layers}.{i}.{name}", layer.get_submodule(name), role))
+        norms.append((self.final_norm, model.get_submodule(self.final_norm), "final"))
         return norms
 
     def read_sizes(self, config) -> dict[str, int]:

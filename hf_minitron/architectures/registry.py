@@ -11,32 +11,42 @@ from torch import nn
 from .layout import ArchitectureLayout
 
 
-# Llama-shaped: pre-norm RMSNorm, separate q/k/v, gated MLP. Mistral only adds a sliding window (a config
-# scalar); Qwen2 adds q/k/v biases, which follow their projections' output rows without any layout data.
+# Llama-shaped: pre-norm RMSNorm (`input_layernorm` before attention, `post_attention_layernorm` before the MLP),
+# separate q/k/v, gated MLP. Mistral only adds a sliding window (a config scalar, or `layer_types`); Qwen2 adds q/k/v
+# biases, which follow their projections' output rows without any layout data, and `max_window_layers`.
 LLAMA_LAYOUT = ArchitectureLayout(model_types=("llama",))
 MISTRAL_LAYOUT = ArchitectureLayout(model_types=("mistral",))
-QWEN2_LAYOUT = ArchitectureLayout(model_types=("qwen2",))
+QWEN2_LAYOUT = ArchitectureLayout(model_types=("qwen2",), layer_prefix_config_fields=("max_window_layers",))
 # Granite: Llama plus scalar multipliers (embedding, residual, attention scaling, logits) that do not depend
 # on any pruned size; the attention scaling replaces 1/sqrt(head_dim), and head_dim never changes.
 GRANITE_LAYOUT = ArchitectureLayout(model_types=("granite",))
 # Qwen3: per-head q/k RMSNorm ([head_dim], shared by all heads).
-QWEN3_LAYOUT = ArchitectureLayout(model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+QWEN3_LAYOUT = ArchitectureLayout(
+    model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+    layer_prefix_config_fields=("max_window_layers",),
+)
 # Gemma: (1 + w) RMSNorm and embeddings multiplied by sqrt(hidden_size).
 GEMMA_LAYOUT = ArchitectureLayout(model_types=("gemma",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden")
-# Gemma2: Gemma plus a post-attention norm on the attention output and pre/post feed-forward norms; attention
-# and final-logit softcapping are config scalars (preserved as they are).
-_GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+# Gemma2: Gemma plus "sandwich" norms: `post_attention_layernorm` normalises the attention *output* before the
+# residual add, `pre_feedforward_layernorm` is the pre-MLP norm and `post_feedforward_layernorm` normalises the MLP
+# output. Attention and final-logit softcapping are config scalars (preserved as they are).
+_SANDWICH_NORMS = dict(
+    attention_norm="input_layernorm",
+    attention_output_norm="post_attention_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    mlp_output_norm="post_feedforward_layernorm",
+)
 GEMMA2_LAYOUT = ArchitectureLayout(
-    model_types=("gemma2",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden", layer_norms=_GEMMA2_NORMS
+    model_types=("gemma2",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden", **_SANDWICH_NORMS
 )
 # Gemma3 (text-only Gemma3ForCausalLM, model_type "gemma3_text"): Gemma2 plus per-head q/k norms.
 GEMMA3_LAYOUT = ArchitectureLayout(
     model_types=("gemma3_text",),
     norm_kind="rms_one_plus",
     embed_scale="sqrt_hidden",
-    layer_norms=_GEMMA2_NORMS,
     q_norm="self_attn.q_norm",
     k_norm="self_attn.k_norm",
+    **_SANDWICH_NORMS,
 )
 # Phi-3: fused qkv_proj ([q; k; v] rows) and fused gate_up_proj ([gate; up] rows).
 PHI3_LAYOUT = ArchitectureLayout(
@@ -49,11 +59,14 @@ PHI3_LAYOUT = ArchitectureLayout(
     up_proj=None,
     gate_up_proj="mlp.gate_up_proj",
 )
-# OLMo2: no pre-norms; post-norms on the attention and MLP outputs (added to the residual), and q/k RMSNorm over
-# the whole projection (num_heads * head_dim), not per head.
+# OLMo2: no pre-norms (attention and MLP read the raw residual stream); post-norms on the attention and MLP outputs
+# (before the residual add), and q/k RMSNorm over the whole projection (num_heads * head_dim), not per head.
 OLMO2_LAYOUT = ArchitectureLayout(
     model_types=("olmo2",),
-    layer_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    attention_norm=None,
+    mlp_norm=None,
+    attention_output_norm="post_attention_layernorm",
+    mlp_output_norm="post_feedforward_layernorm",
     q_norm="self_attn.q_norm",
     k_norm="self_attn.k_norm",
     qk_norm_scope="projection",

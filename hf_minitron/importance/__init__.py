@@ -7,10 +7,11 @@ from .estimator import (
     estimate_importance,
     layer_perplexities,
 )
-from .scores import SCORES_NAME, ImportanceScores
+from .scores import HIDDEN_IMPORTANCE_SOURCES, SCORES_NAME, ImportanceScores
 
 
 __all__ = [
+    "HIDDEN_IMPORTANCE_SOURCES",
     "ImportanceEstimator",
     "ImportanceScores",
     "SCORES_NAME",

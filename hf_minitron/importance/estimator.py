@@ -4,8 +4,13 @@ One pass over the calibration data with forward hooks gives, with no gradients a
 
 * heads:   ``||attn_output_h||_2`` per head (the input of ``o_proj``),
 * neurons: ``|x_i|`` per MLP neuron (the input of ``down_proj``),
-* hidden:  ``|y_c|`` per channel of every norm's output (final norm included); aggregated per norm, then summed,
-* layers:  Block Importance, ``1 - cos(layer input, layer output)`` averaged over tokens.
+* hidden:  ``|y_c|`` per channel of the activations on the hidden axis, recorded per site: every norm's output (with
+  its role, see :data:`~hf_minitron.architectures.layout.NORM_ROLES`), the input of each sublayer that has no
+  pre-norm, and each layer's output (the residual stream). Which sites make the hidden score is chosen at pruning
+  time (``MinitronPruneConfig.hidden_importance_source``); see :meth:`ImportanceScores.hidden_scores`.
+* layers:  Block Importance, ``1 - cos(layer input, layer output)`` averaged over tokens,
+* norm statistics for the calibrated norm correction: the per-channel mean of ``x^2`` (and of ``x`` for LayerNorm
+  families) over every calibration token, at each norm's input.
 
 Per-token values are first reduced over each sample's (unpadded) tokens with ``sequence_aggregation``, then
 over samples with ``batch_aggregation``. Only fp32 running sums per unit are kept, so memory does not grow
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..architectures import ArchitectureLayout
+from ..architectures.depth import without_layers
 from ..config import MinitronPruneConfig
 from ..data import batch_samples, to_samples
 from ..validation import check_prunable_model
@@ -49,6 +55,24 @@ class _Stat:
         else:
             self.sum += s
             self.sumsq += sq
+
+
+class _Moments:
+    """Running sums over every real token of ``x`` and ``x^2`` per channel (fp32), for norm statistics."""
+
+    def __init__(self, first: bool) -> None:
+        self.first = first
+        self.sum: torch.Tensor | None = None
+        self.sumsq: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """``x``: ``[batch, seq, units]``; ``mask``: ``[batch, seq]`` float (1 = real token)."""
+        x = x.float()
+        sq = torch.einsum("bt,btu->u", mask, x.square())
+        self.sumsq = sq if self.sumsq is None else self.sumsq + sq
+        if self.first:
+            s = torch.einsum("bt,btu->u", mask, x)
+            self.sum = s if self.sum is None else self.sum + s
 
 
 def aggregate_sequence(values: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -95,8 +119,30 @@ class ImportanceEstimator:
         num_layers = self.sizes["num_hidden_layers"]
         self.head_stats = [_Stat() for _ in range(num_layers)]
         self.neuron_stats = [_Stat() for _ in range(num_layers)]
-        self.norm_names = [name for name, _ in layout.norm_modules(model)]
-        self.norm_stats = [_Stat() for _ in self.norm_names]
+        norms = layout.norm_modules_with_roles(model)
+        self.norm_names = [name for name, _, _ in norms]
+        self.norm_roles = [role for _, _, role in norms]
+        self.norm_stats = [_Stat() for _ in norms]
+        layernorm = layout.norm_kind.startswith("layernorm")  # LayerNorm corrections also need the channel means
+        self.norm_moments = [_Moments(first=layernorm) for _ in norms]
+        # Sublayers without a pre-norm (OLMo2) read the residual stream directly: record what their first matmul reads.
+        self.sublayer_sites = [
+            (i, kind, path)
+            for i in range(num_layers)
+            for kind, norm, path in (
+                ("attention", layout.attention_norm, layout.q_proj or layout.qkv_proj),
+                ("mlp", layout.mlp_norm, layout.gate_proj or layout.gate_up_proj or layout.up_proj),
+            )
+            if norm is None
+        ]
+        self.sublayer_stats = [_Stat() for _ in self.sublayer_sites]
+        self.residual_stats = [_Stat() for _ in range(num_layers)]
+        # q/k norms over the whole projection (OLMo2) are rescaled like hidden norms when heads are dropped.
+        self.qk_moments = (
+            {"q_norm": [_Moments(False) for _ in range(num_layers)], "k_norm": [_Moments(False) for _ in range(num_layers)]}
+            if layout.qk_norm_scope == "projection" and layout.q_norm is not None
+            else {}
+        )
         self.bi_sum: list[torch.Tensor | None] = [None] * num_layers  # sum over tokens of 1 - cos
         self.num_samples = 0
         self.num_tokens = 0
@@ -124,10 +170,10 @@ class ImportanceEstimator:
 
         return hook
 
-    def _neuron_hook(self, layer_idx: int) -> Callable:
+    def _abs_input_hook(self, stat: _Stat) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]  # [batch, seq, intermediate]
-            self.neuron_stats[layer_idx].add(self._units(x.float().abs()))
+            x = args[0]  # [batch, seq, units]: down_proj input (neurons) or a sublayer's first-matmul input (hidden)
+            stat.add(self._units(x.float().abs()))
 
         return hook
 
@@ -135,6 +181,14 @@ class ImportanceEstimator:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             y = output[0] if isinstance(output, tuple) else output  # [batch, seq, hidden]
             self.norm_stats[norm_idx].add(self._units(y.float().abs()))
+            x = args[0]  # [batch, seq, hidden]: what the norm normalises
+            self.norm_moments[norm_idx].add(x, self._mask_for(x.device))
+
+        return hook
+
+    def _moments_hook(self, moments: _Moments) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            moments.add(args[0], self._mask_for(args[0].device))
 
         return hook
 
@@ -147,21 +201,30 @@ class ImportanceEstimator:
     def _layer_hook(self, layer_idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             x_in = self._layer_inputs.pop(layer_idx)
-            x_out = output[0] if isinstance(output, tuple) else output
+            x_out = output[0] if isinstance(output, tuple) else output  # [batch, seq, hidden]
             cos = nn.functional.cosine_similarity(x_in.float(), x_out.float().to(x_in.device), dim=-1)  # [batch, seq]
             mask = self._mask_for(cos.device)
             total = ((1.0 - cos) * mask).sum()
             self.bi_sum[layer_idx] = total if self.bi_sum[layer_idx] is None else self.bi_sum[layer_idx] + total
+            self.residual_stats[layer_idx].add(self._units(x_out.float().abs()))
 
         return hook
 
     def attach(self) -> "ImportanceEstimator":
         layout, model = self.layout, self.model
-        for i, layer in enumerate(layout.decoder_layers(model)):
+        layers = layout.decoder_layers(model)
+        for i, layer in enumerate(layers):
             self._handles.append(layer.get_submodule(layout.o_proj).register_forward_pre_hook(self._head_hook(i)))
-            self._handles.append(layer.get_submodule(layout.down_proj).register_forward_pre_hook(self._neuron_hook(i)))
+            self._handles.append(
+                layer.get_submodule(layout.down_proj).register_forward_pre_hook(self._abs_input_hook(self.neuron_stats[i]))
+            )
             self._handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._layer_hook(i), with_kwargs=True))
+            for name, moments in self.qk_moments.items():
+                norm = layer.get_submodule(getattr(layout, name))
+                self._handles.append(norm.register_forward_pre_hook(self._moments_hook(moments[i])))
+        for (i, _, path), stat in zip(self.sublayer_sites, self.sublayer_stats):
+            self._handles.append(layers[i].get_submodule(path).register_forward_pre_hook(self._abs_input_hook(stat)))
         for j, (_, norm) in enumerate(layout.norm_modules(model)):
             self._handles.append(norm.register_forward_hook(self._norm_hook(j)))
         return self
@@ -202,11 +265,19 @@ class ImportanceEstimator:
         return out
 
     def finalize(self) -> ImportanceScores:
-        stats = self.head_stats + self.neuron_stats + self.norm_stats
-        if any(s.sum is None for s in stats):
+        """All-reduce the running sums and aggregate them into :class:`ImportanceScores`.
+
+        Raises:
+            RuntimeError: no forward pass ran between ``attach()`` and ``finalize()``.
+            ValueError: a score is NaN or infinite (fp16 overflow, bad data); the message names the unit and layer.
+        """
+        stats = self.head_stats + self.neuron_stats + self.norm_stats + self.sublayer_stats + self.residual_stats
+        moments = self.norm_moments + [m for group in self.qk_moments.values() for m in group]
+        if any(s.sum is None for s in stats) or any(m.sumsq is None for m in moments):
             raise RuntimeError("Some hooks never fired: did the model run a forward pass between attach() and finalize()?")
         counts = torch.tensor([float(self.num_samples), float(self.num_tokens)])
         local = [t.float().cpu() for s in stats for t in (s.sum, s.sumsq)]
+        local += [m.sumsq.float().cpu() for m in moments] + [m.sum.float().cpu() for m in moments if m.first]
         local += [torch.stack([b.float().cpu() for b in self.bi_sum]), counts]
         reduced = self._reduce(local)
         counts = reduced.pop()
@@ -216,15 +287,39 @@ class ImportanceEstimator:
         finals = [
             aggregate_batch(reduced[2 * k], reduced[2 * k + 1], num_samples, batch_how) for k in range(len(stats))
         ]
-        num_layers = len(self.head_stats)
-        heads = torch.stack(finals[:num_layers])
-        neurons = torch.stack(finals[num_layers : 2 * num_layers])
-        hidden = torch.stack(finals[2 * num_layers :]).sum(0)
-        return ImportanceScores(
+        rest = reduced[2 * len(stats) :]
+        per_token = max(num_tokens, 1)
+        second = [t / per_token for t in rest[: len(moments)]]
+        first = [t / per_token for t in rest[len(moments) :]]
+
+        def take(n: int) -> list[torch.Tensor]:
+            out, finals[:] = finals[:n], finals[n:]
+            return out
+
+        num_layers, num_norms = len(self.head_stats), len(self.norm_stats)
+        heads, neurons = torch.stack(take(num_layers)), torch.stack(take(num_layers))
+        norm_outputs = torch.stack(take(num_norms))
+        sublayer = take(len(self.sublayer_stats))
+        hidden_size = norm_outputs.shape[1]
+        sublayer_inputs = torch.stack(sublayer) if sublayer else torch.zeros(0, hidden_size)
+        residual = torch.stack(take(num_layers))
+        qk = {}
+        if self.qk_moments:
+            qk = {
+                "q_norm_input_sq": torch.stack(second[num_norms : num_norms + num_layers]),
+                "k_norm_input_sq": torch.stack(second[num_norms + num_layers :]),
+            }
+        scores = ImportanceScores(
             heads=heads,
             neurons=neurons,
-            hidden=hidden,
-            block_importance=bi_sum / max(num_tokens, 1),
+            hidden=torch.zeros(hidden_size),  # set below from the recorded sites
+            block_importance=bi_sum / per_token,
+            norm_outputs=norm_outputs,
+            norm_input_sq=torch.stack(second[:num_norms]),
+            norm_input_mean=torch.stack(first) if first else None,
+            sublayer_inputs=sublayer_inputs,
+            residual=residual,
+            **qk,
             metadata={
                 "batch_aggregation": batch_how,
                 "sequence_aggregation": self.config.sequence_aggregation,
@@ -233,8 +328,17 @@ class ImportanceEstimator:
                 "model_type": self.model.config.model_type,
                 "source_model": getattr(self.model.config, "_name_or_path", "") or "",
                 "source_sizes": dict(self.sizes),
+                "norm_kind": self.layout.norm_kind,
+                "norm_paths": self.norm_names,
+                "norm_roles": self.norm_roles,
+                "sublayer_input_sites": [f"{self.layout.layers}.{i}.{path}" for i, _, path in self.sublayer_sites],
+                "sublayer_input_roles": [f"pre_{kind}" for _, kind, _ in self.sublayer_sites],
+                "hidden_importance_source": self.config.hidden_importance_source,
             },
         )
+        scores.check_finite()
+        scores.hidden = scores.hidden_scores(self.config.hidden_importance_source)
+        return scores
 
 
 def _input_device(model: nn.Module, layout: ArchitectureLayout) -> torch.device:
@@ -275,14 +379,12 @@ def layer_perplexities(
 
     One pass over ``batches`` per layer (costly; the papers' alternative to Block Importance).
     """
-    parent_path, _, attr = layout.layers.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    layers = getattr(parent, attr)
+    num_layers = len(layout.decoder_layers(model))
     device = _input_device(model, layout)
     results = []
-    try:
-        for skip in tqdm(range(len(layers)), desc="Layer perplexity", disable=not show_progress):
-            setattr(parent, attr, nn.ModuleList([layer for i, layer in enumerate(layers) if i != skip]))
+    for skip in tqdm(range(num_layers), desc="Layer perplexity", disable=not show_progress):
+        # Exactly the model depth pruning would give: per-layer config lists (attention types) follow the layers.
+        with without_layers(model, layout, [skip]):
             nll, count = torch.zeros((), dtype=torch.float64), 0
             for batch in batches:
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -296,9 +398,7 @@ def layer_perplexities(
             totals = torch.tensor([nll.item(), float(count)], dtype=torch.float64)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(totals)
-            results.append(math.exp(totals[0].item() / max(totals[1].item(), 1.0)))
-    finally:
-        setattr(parent, attr, layers)
+        results.append(math.exp(totals[0].item() / max(totals[1].item(), 1.0)))
     return torch.tensor(results, dtype=torch.float32)
 
 

@@ -10,8 +10,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import HIDDEN_IMPORTANCE_SOURCES
+
 
 SCORES_NAME = "importance_scores.safetensors"
+
+_MATMUL_INPUT_ROLES = ("pre_attention", "pre_mlp", "final")
+_PRE_SUBLAYER_ROLES = ("pre_attention", "pre_mlp")
+_OPTIONAL = ("layer_perplexity", "norm_outputs", "norm_input_sq", "norm_input_mean", "sublayer_inputs", "residual",
+             "q_norm_input_sq", "k_norm_input_sq")
 
 
 @dataclass
@@ -21,15 +28,30 @@ class ImportanceScores:
     Attributes:
         heads: ``[num_layers, num_attention_heads]`` per-head output norm (input of ``o_proj``).
         neurons: ``[num_layers, intermediate_size]`` per-neuron activation (input of ``down_proj``).
-        hidden: ``[hidden_size]`` per-channel activation of every norm's output, aggregated per norm, then summed.
+        hidden: ``[hidden_size]`` per-channel score from the source named in ``metadata["hidden_importance_source"]``
+            (see :meth:`hidden_scores`; pruning recomputes it for the source it is asked for).
         block_importance: ``[num_layers]`` mean 1 - cos(layer input, layer output) over calibration tokens.
         layer_perplexity: ``[num_layers]`` calibration perplexity with that one layer removed (optional).
-        metadata: aggregation settings, sample and token counts, source sizes.
+        norm_outputs: ``[num_norms, hidden_size]`` aggregated ``|output|`` of every hidden-axis norm, in the order of
+            ``metadata["norm_paths"]`` (roles in ``metadata["norm_roles"]``).
+        norm_input_sq: ``[num_norms, hidden_size]`` mean over calibration tokens of each norm's input squared, per
+            channel: the energy the calibrated norm correction is computed from.
+        norm_input_mean: ``[num_norms, hidden_size]`` mean of each norm's input (LayerNorm families only).
+        sublayer_inputs: ``[num_sites, hidden_size]`` aggregated ``|input|`` of each sublayer without a pre-norm
+            (``metadata["sublayer_input_sites"]``; empty for pre-norm families).
+        residual: ``[num_layers, hidden_size]`` aggregated ``|output|`` of each decoder layer (the residual stream).
+        q_norm_input_sq / k_norm_input_sq: ``[num_layers, heads * head_dim]`` / ``[num_layers, kv_heads * head_dim]``
+            input energy of q/k norms that span the whole projection (OLMo2), for head-pruning corrections.
+        metadata: aggregation settings, sample and token counts, source sizes, norm paths and roles.
+
+    The optional per-site tensors are ``None`` for scores that do not come from activations (magnitude, random) or
+    were saved by hf-minitron 0.1; ``hidden`` is then used as it is.
 
     Example:
         >>> scores = estimate_importance(model, calibration_data, config)  # doctest: +SKIP
         >>> scores.save("scores.safetensors")  # doctest: +SKIP
         >>> scores = ImportanceScores.load("scores.safetensors")  # doctest: +SKIP
+        >>> scores.hidden_scores("all_norms").shape  # [hidden_size]  # doctest: +SKIP
     """
 
     heads: torch.Tensor
@@ -37,7 +59,96 @@ class ImportanceScores:
     hidden: torch.Tensor
     block_importance: torch.Tensor
     layer_perplexity: torch.Tensor | None = None
+    norm_outputs: torch.Tensor | None = None
+    norm_input_sq: torch.Tensor | None = None
+    norm_input_mean: torch.Tensor | None = None
+    sublayer_inputs: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    q_norm_input_sq: torch.Tensor | None = None
+    k_norm_input_sq: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_sites(self) -> bool:
+        """Whether per-site activations were recorded (so any ``hidden_importance_source`` can be used)."""
+        return self.norm_outputs is not None
+
+    def hidden_scores(self, source: str = "matmul_inputs") -> torch.Tensor:
+        """Per-channel hidden importance ``[hidden_size]`` from the recorded activations named by ``source``.
+
+        Each site's scores are already aggregated over tokens and samples; sites are summed. Without recorded sites
+        (magnitude / random scores, files from hf-minitron 0.1) ``hidden`` is returned whatever ``source`` is.
+
+        Raises:
+            ValueError: ``source`` is not one of ``HIDDEN_IMPORTANCE_SOURCES``.
+        """
+        if source not in HIDDEN_IMPORTANCE_SOURCES:
+            raise ValueError(f"`hidden_importance_source` must be one of {HIDDEN_IMPORTANCE_SOURCES}, got {source!r}.")
+        if not self.has_sites:
+            return self.hidden
+        norms = self.norm_outputs.float()
+        if source == "all_norms":
+            return norms.sum(0)
+        if source == "all_norms_normalized":
+            return (norms / norms.mean(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)).sum(0)
+        if source == "residual":
+            return self.residual.float().sum(0)
+        roles = self.metadata.get("norm_roles") or []
+        wanted = _MATMUL_INPUT_ROLES if source == "matmul_inputs" else _PRE_SUBLAYER_ROLES
+        keep = [i for i, role in enumerate(roles) if role in wanted]
+        total = norms[keep].sum(0)
+        if self.sublayer_inputs is not None and self.sublayer_inputs.numel():
+            total = total + self.sublayer_inputs.float().sum(0)
+        return total
+
+    def check_finite(self) -> None:
+        """Raise a ``ValueError`` naming the unit types and layers whose scores are NaN or infinite.
+
+        NaN sorts as the most important value, so non-finite scores would silently keep the wrong units. The message
+        starts with the earliest layer: a NaN or overflow there spreads to every later layer through the residual.
+        """
+        import re
+
+        paths = self.metadata.get("norm_paths") or []
+        sites = self.metadata.get("sublayer_input_sites") or []
+
+        def layer_of(path: str) -> int:
+            found = re.search(r"\.(\d+)\.", f".{path}.")
+            return int(found.group(1)) if found else self.num_layers  # the final norm comes after every layer
+
+        per_row = {  # tensor -> (unit type, layer of row r)
+            "heads": ("attention heads", lambda r: r),
+            "neurons": ("MLP neurons", lambda r: r),
+            "norm_outputs": ("hidden channels (norm outputs)", lambda r: layer_of(paths[r]) if r < len(paths) else r),
+            "norm_input_sq": ("norm input statistics", lambda r: layer_of(paths[r]) if r < len(paths) else r),
+            "norm_input_mean": ("norm input statistics", lambda r: layer_of(paths[r]) if r < len(paths) else r),
+            "sublayer_inputs": ("hidden channels (sublayer inputs)", lambda r: layer_of(sites[r]) if r < len(sites) else r),
+            "residual": ("hidden channels (layer outputs)", lambda r: r),
+            "q_norm_input_sq": ("q_norm input statistics", lambda r: r),
+            "k_norm_input_sq": ("k_norm input statistics", lambda r: r),
+            "block_importance": ("Block Importance", lambda r: r),
+            "layer_perplexity": ("layer perplexity", lambda r: r),
+        }
+        problems: dict[str, set[int]] = {}
+        for name, (unit, layer) in per_row.items():
+            value = getattr(self, name)
+            if value is None or value.numel() == 0:
+                continue
+            bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(-1)
+            for row in bad.nonzero().flatten().tolist():
+                problems.setdefault(unit, set()).add(layer(row))
+        if not torch.isfinite(self.hidden).all():
+            problems.setdefault("hidden channels", set())
+        if problems:
+            ordered = sorted(problems.items(), key=lambda kv: min(kv[1], default=self.num_layers))
+            listed = "; ".join(f"{unit} of layers {sorted(layers)}" if layers else unit for unit, layers in ordered)
+            first_unit, first_layers = ordered[0]
+            where = f"layer {min(first_layers)}" if first_layers else "the hidden channels"
+            raise ValueError(
+                f"Non-finite importance scores (NaN/inf), first in {first_unit} of {where} (all: {listed}). The "
+                "calibration forward overflowed or the data holds NaN/inf; estimate in float32 or bfloat16 (float16 "
+                "activations overflow easily) and check the calibration data and the model's weights."
+            )
 
     @property
     def num_layers(self) -> int:
@@ -63,8 +174,9 @@ class ImportanceScores:
             "hidden": self.hidden,
             "block_importance": self.block_importance,
         }
-        if self.layer_perplexity is not None:
-            out["layer_perplexity"] = self.layer_perplexity
+        for name in _OPTIONAL:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -93,6 +205,6 @@ class ImportanceScores:
             neurons=tensors["neurons"],
             hidden=tensors["hidden"],
             block_importance=tensors["block_importance"],
-            layer_perplexity=tensors.get("layer_perplexity"),
+            **{name: tensors.get(name) for name in _OPTIONAL},
             metadata=metadata,
         )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import logging
 
 from ..config import MinitronPruneConfig
 from ..importance import ImportanceScores
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -25,6 +30,12 @@ class PrunePlan:
     kv_heads: list[list[int]]
     neurons: list[list[int]]
     head_merges: list[list[tuple[int, int]]] = field(default_factory=list)
+    # Norm correction actually applied ("calibrated", "sqrt" or "none"; "calibrated" falls back to "sqrt" for scores
+    # without norm statistics) and, for "calibrated", ``{source norm path: (gain scale, bias shift)}`` for hidden-axis
+    # norms and ``[(q_norm scale, k_norm scale)]`` per kept layer for whole-projection q/k norms (OLMo2).
+    norm_correction: str = "none"
+    norm_scales: dict[str, tuple[float, float]] = field(default_factory=dict)
+    qk_norm_scales: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def changes_width(self) -> bool:
@@ -34,6 +45,11 @@ class PrunePlan:
         out = {"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads, "neurons": self.neurons}
         if any(self.head_merges):
             out["head_merges"] = [[list(pair) for pair in layer] for layer in self.head_merges]
+        out["norm_correction"] = self.norm_correction
+        if self.norm_scales:
+            out["norm_scales"] = {k: list(v) for k, v in self.norm_scales.items()}
+        if self.qk_norm_scales:
+            out["qk_norm_scales"] = [list(v) for v in self.qk_norm_scales]
         return out
 
 
@@ -147,6 +163,68 @@ def head_merge_pairs(head_scores: torch.Tensor, kept_heads: list[int], kept_kv: 
     return pairs
 
 
+def rms_correction(energy: torch.Tensor, kept: list[int]) -> float:
+    """Gain scale that keeps an RMSNorm's output on the kept channels: ``sqrt(share * H / H')``.
+
+    ``energy`` is ``[H]``, the mean over calibration tokens of the norm's input squared, per channel; ``share`` is the
+    part of the total the kept channels carry. The RMS over the kept channels is then, on average, what the norm
+    computed over all ``H`` of them. Equals ``sqrt(H / H')`` when the dropped channels carry no energy.
+    """
+    energy = energy.double()
+    total = float(energy.sum())
+    if total <= 0.0:
+        return 1.0
+    share = float(energy[kept].sum()) / total
+    return math.sqrt(share * energy.numel() / len(kept))
+
+
+def layernorm_correction(energy: torch.Tensor, mean: torch.Tensor, kept: list[int]) -> tuple[float, float]:
+    """``(gain scale, bias shift in units of the gain)`` that keep a LayerNorm's output on the kept channels.
+
+    With per-channel token means ``m_c`` of ``x`` and ``E[x_c^2]`` (``mean``, ``energy``: ``[H]``), the norm's mean and
+    variance over all channels are estimated as ``mu = avg_c m_c`` and ``var = avg_c E[x_c^2] - mu^2``, and likewise
+    over the kept channels. Scaling the gain by ``sqrt(var_K / var)`` and adding ``gain * (mu_K - mu) / sqrt(var)`` to
+    the bias makes ``(x - mu_K) / sigma_K * g' + b'`` equal ``(x - mu) / sigma * g + b`` at those estimates.
+    """
+    energy, mean = energy.double(), mean.double()
+    mu, mu_k = float(mean.mean()), float(mean[kept].mean())
+    var, var_k = float(energy.mean()) - mu * mu, float(energy[kept].mean()) - mu_k * mu_k
+    if var <= 0.0 or var_k <= 0.0:
+        return 1.0, 0.0
+    return math.sqrt(var_k / var), (mu_k - mu) / math.sqrt(var)
+
+
+def _norm_plan(config: MinitronPruneConfig, plan: PrunePlan, scores: ImportanceScores | None, head_dim: int) -> None:
+    """Fill the plan's norm correction (see :class:`PrunePlan`) for ``config.rescale_norms``."""
+    source, target = plan.source_sizes, plan.target_sizes
+    mode = config.rescale_norms
+    if mode == "calibrated" and (scores is None or scores.norm_input_sq is None):
+        changes = target["hidden_size"] != source["hidden_size"]
+        if changes:
+            logger.warning(
+                "rescale_norms='calibrated' needs the norm statistics of an activation importance pass, which these "
+                "scores lack (magnitude / random scores, or a file from hf-minitron 0.1): using 'sqrt' instead."
+            )
+        mode = "sqrt"
+    plan.norm_correction = mode
+    if mode != "calibrated":
+        return
+    if target["hidden_size"] != source["hidden_size"]:
+        paths = scores.metadata.get("norm_paths") or []
+        for k, path in enumerate(paths):
+            if scores.norm_input_mean is not None:
+                plan.norm_scales[path] = layernorm_correction(scores.norm_input_sq[k], scores.norm_input_mean[k], plan.hidden)
+            else:
+                plan.norm_scales[path] = (rms_correction(scores.norm_input_sq[k], plan.hidden), 0.0)
+    if scores.q_norm_input_sq is not None:
+        for i, src in enumerate(plan.layers):
+            q_rows = [h * head_dim + d for h in plan.heads[i] for d in range(head_dim)]
+            k_rows = [g * head_dim + d for g in plan.kv_heads[i] for d in range(head_dim)]
+            plan.qk_norm_scales.append(
+                (rms_correction(scores.q_norm_input_sq[src], q_rows), rms_correction(scores.k_norm_input_sq[src], k_rows))
+            )
+
+
 def make_plan(config: MinitronPruneConfig, source: dict[str, int], scores: ImportanceScores | None) -> PrunePlan:
     """Compute every kept index for ``config`` from ``scores`` (needed unless only explicit layers are dropped)."""
     target = resolve_target_sizes(source, config)
@@ -164,8 +242,12 @@ def make_plan(config: MinitronPruneConfig, source: dict[str, int], scores: Impor
                 f"{scores.hidden.numel()}, neurons {tuple(scores.neurons.shape)}) than this model {source}; "
                 "re-estimate them on the model you prune."
             )
+        scores.check_finite()
     identity = lambda n: list(range(n))  # noqa: E731
-    hidden = _top(scores.hidden, target["hidden_size"]) if target["hidden_size"] != source["hidden_size"] else identity(source["hidden_size"])
+    if target["hidden_size"] != source["hidden_size"]:
+        hidden = _top(scores.hidden_scores(config.hidden_importance_source), target["hidden_size"])
+    else:
+        hidden = identity(source["hidden_size"])
     heads, kv_heads, neurons, merges = [], [], [], []
     group = source["num_attention_heads"] // source["num_key_value_heads"]
     for i in layers:
@@ -180,4 +262,6 @@ def make_plan(config: MinitronPruneConfig, source: dict[str, int], scores: Impor
             neurons.append(_top(scores.neurons[i], target["intermediate_size"]))
         else:
             neurons.append(identity(source["intermediate_size"]))
-    return PrunePlan(source, target, layers, hidden, heads, kv_heads, neurons, merges)
+    plan = PrunePlan(source, target, layers, hidden, heads, kv_heads, neurons, merges)
+    _norm_plan(config, plan, scores, source["head_dim"])
+    return plan

@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from .. import __version__
 from ..architectures import ArchitectureLayout
+from ..architectures.depth import keep_layers
 from ..config import MinitronPruneConfig
 from ..importance import ImportanceScores, estimate_importance
 from ..validation import check_prunable_model
@@ -40,24 +41,6 @@ def _needs_scores(config: MinitronPruneConfig, source: dict[str, int]) -> bool:
         and config.num_hidden_layers != source["num_hidden_layers"]
     )
     return width or depth
-
-
-@torch.no_grad()
-def _drop_layers(model: nn.Module, layout: ArchitectureLayout, keep: list[int]) -> None:
-    parent_path, _, attr = layout.layers.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    layers = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
-    # The KV cache is indexed by `layer_idx`: re-number so generation with a cache works.
-    for new_idx, layer in enumerate(getattr(parent, attr)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    config = model.config
-    for name in layout.per_layer_config_fields:
-        values = getattr(config, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == len(layers):
-            setattr(config, name, [values[i] for i in keep])
 
 
 def _fused_rows(blocks: list[tuple[list[int] | None, int]]) -> list[int] | None:
@@ -89,7 +72,7 @@ def _merge_heads(layer: nn.Module, layout: ArchitectureLayout, pairs: list[tuple
 
 
 @torch.no_grad()
-def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: PrunePlan, i: int, rescale_norms: bool) -> None:
+def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: PrunePlan, i: int, correct_norms: bool) -> None:
     """Slice one decoder layer's attention, MLP and norms to the plan's ``i``-th kept layer."""
     source, target = plan.source_sizes, plan.target_sizes
     head_dim = source["head_dim"]
@@ -114,13 +97,15 @@ def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: Prune
     slice_linear(layer.get_submodule(layout.o_proj), out_idx=hidden, in_idx=heads)
     if layout.qk_norm_scope == "projection":
         # A norm over the whole projection (OLMo2) has one weight per kept row, and its RMS now runs over fewer
-        # heads: rescale like a hidden-axis norm (exact when the dropped heads' rows were zero).
-        for path, rows, width in ((layout.q_norm, heads, q_width), (layout.k_norm, kv, kv_width)):
+        # heads: corrected like a hidden-axis norm ("sqrt" is exact when the dropped heads' rows were zero).
+        for k, (path, rows, width) in enumerate(((layout.q_norm, heads, q_width), (layout.k_norm, kv, kv_width))):
             if path is not None and rows is not None:
                 norm = layer.get_submodule(path)
                 slice_norm(norm, rows)
-                if rescale_norms:
+                if correct_norms and plan.norm_correction == "sqrt":
                     layout.scale_norm(norm, math.sqrt(width / len(rows)))
+                elif correct_norms and plan.norm_correction == "calibrated":
+                    layout.scale_norm(norm, plan.qk_norm_scales[i][k])
     # Per-head q/k norms ([head_dim], shared by all heads) need nothing: head_dim never changes.
 
     # MLP: gate/up rows and down columns follow the kept neurons.
@@ -179,13 +164,45 @@ def _compensate_embedding_scale(model: nn.Module, layout: ArchitectureLayout, so
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout, rescale_norms: bool = True) -> None:
-    """Slice ``model`` in place to ``plan`` and rewrite its config (sizes, explicit ``head_dim``)."""
+def _correct_hidden_norms(model: nn.Module, layout: ArchitectureLayout, plan: PrunePlan) -> None:
+    """Apply the plan's norm correction to every hidden-axis norm after the hidden channels were sliced.
+
+    A norm's statistic (RMS, or LayerNorm's mean and variance) now runs over the kept channels only; without
+    correction every normalised output would shift by the ratio of the two statistics.
+    """
+    source, target = plan.source_sizes, plan.target_sizes
+    if plan.norm_correction == "sqrt":
+        # RMS over H_new kept channels vs H_old: if the dropped channels carry ~no energy, the kept ones' RMS is
+        # sqrt(H_old / H_new) larger, shrinking every normalised output; undo that.
+        factor = math.sqrt(source["hidden_size"] / target["hidden_size"])
+        for _, norm in layout.norm_modules(model):
+            layout.scale_norm(norm, factor)
+        return
+    if plan.norm_correction != "calibrated":
+        return
+    # Norms are named by their source path: layer i of the pruned model is source layer plan.layers[i].
+    sources = [f"{layout.layers}.{src}.{name}" for src in plan.layers for name in layout.layer_norms] + [layout.final_norm]
+    for src_path, (_, norm) in zip(sources, layout.norm_modules(model)):
+        if src_path not in plan.norm_scales:
+            raise ValueError(f"The pruning plan has no norm correction for `{src_path}`: re-estimate the importance scores.")
+        scale, shift = plan.norm_scales[src_path]
+        bias = getattr(norm, "bias", None)
+        if shift and isinstance(bias, torch.Tensor):
+            bias.add_(layout.norm_gain(norm).to(bias.dtype), alpha=shift)  # b' = b + g * (mu_K - mu) / sigma
+        layout.scale_norm(norm, scale)
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout, correct_norms: bool = True) -> None:
+    """Slice ``model`` in place to ``plan`` and rewrite its config (sizes, explicit ``head_dim``).
+
+    ``correct_norms=False`` skips the plan's norm-gain correction (used by the shape-only dry run).
+    """
     source, target = plan.source_sizes, plan.target_sizes
     if plan.layers != list(range(source["num_hidden_layers"])):
-        _drop_layers(model, layout, plan.layers)
+        keep_layers(model, layout, plan.layers)
     for i, layer in enumerate(layout.decoder_layers(model)):
-        _prune_layer_width(layer, layout, plan, i, rescale_norms)
+        _prune_layer_width(layer, layout, plan, i, correct_norms)
 
     if target["hidden_size"] != source["hidden_size"]:
         embed = model.get_submodule(layout.embed_tokens)
@@ -198,13 +215,9 @@ def apply_plan(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout, re
             slice_linear(lm_head, in_idx=plan.hidden)
         lm_head.in_features = target["hidden_size"]
         slice_norm(model.get_submodule(layout.final_norm), plan.hidden)
+        if correct_norms:
+            _correct_hidden_norms(model, layout, plan)
         _compensate_embedding_scale(model, layout, source, target, tied)
-        if rescale_norms:
-            # RMS over H_new kept channels vs H_old: if the dropped channels carry ~no energy, the kept
-            # ones' RMS is sqrt(H_old / H_new) larger, shrinking every normalised output; undo that.
-            factor = math.sqrt(source["hidden_size"] / target["hidden_size"])
-            for _, norm in layout.norm_modules(model):
-                layout.scale_norm(norm, factor)
 
     layout.write_sizes(model.config, target)
 
@@ -224,7 +237,7 @@ def check_plan_reloads(model: nn.Module, plan: PrunePlan, layout: ArchitectureLa
     try:
         with torch.device("meta"):
             shadow = cls(copy.deepcopy(model.config))
-        apply_plan(shadow, plan, layout, rescale_norms=False)
+        apply_plan(shadow, plan, layout, correct_norms=False)
     except Exception as err:  # noqa: BLE001 - a best-effort check must not block pruning
         logger.warning(f"Could not dry-run the pruned shapes of {cls.__name__} on the meta device ({err}); skipping the reload check.")
         return
@@ -301,7 +314,7 @@ def prune_model(
         importance = estimate_importance(model, calibration_data, config, tokenizer=tokenizer)
     plan = make_plan(config, source, importance)
     check_plan_reloads(model, plan, layout)
-    apply_plan(model, plan, layout, rescale_norms=config.rescale_norms)
+    apply_plan(model, plan, layout)
     model.minitron_provenance = {
         "hf_minitron_version": __version__,
         "source_model": getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "",
