@@ -6,7 +6,7 @@ from .architectures import ArchitectureLayout, get_layout, register_layout, supp
 from .config import MinitronPruneConfig
 from .data import load_default_corpus, load_text_file
 from .distillation import DistillationConfig, DistillationTrainer
-from .importance import ImportanceScores, estimate_importance
+from .importance import ImportanceScores, estimate_importance, estimate_importance_streaming
 from .pruning import PROVENANCE_NAME, load_provenance, prune_model, save_pruned_model
 from .search import Candidate, SearchResult, predict_num_params, search_architectures
 
@@ -20,6 +20,7 @@ __all__ = [
     "MinitronPruneConfig",
     "PROVENANCE_NAME",
     "estimate_importance",
+    "estimate_importance_streaming",
     "get_layout",
     "load_default_corpus",
     "load_provenance",

@@ -457,3 +457,40 @@ def test_qwen2_max_window_layers_follows_depth_pruning(tmp_path):
     pruned.save_pretrained(tmp_path)
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(reloaded), logits(pruned), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- layer-streaming importance
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_streaming_importance_equals_the_in_memory_pass(name):
+    from hf_minitron import estimate_importance_streaming
+
+    model = make(name)
+    batches = random_batches(num=2, batch=4, seq=12)
+    ref = estimate_importance(model, batches, CALIB, show_progress=False)
+    got = estimate_importance_streaming(model, batches, CALIB, device="cpu", offload_activations=(name == "llama"), show_progress=False)
+    ref_t, got_t = ref.tensors(), got.tensors()
+    assert set(ref_t) == set(got_t)
+    for key, value in ref_t.items():
+        torch.testing.assert_close(got_t[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert got.metadata == ref.metadata
+    torch.testing.assert_close(logits(model), logits(make(name)), atol=0, rtol=0)  # model untouched, hooks gone
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_layer_streaming_from_a_checkpoint_on_the_meta_device(name, tmp_path):
+    from accelerate import init_empty_weights
+
+    from hf_minitron import estimate_importance_streaming
+
+    model = make(name)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded: exercises the safetensors index
+    batches = random_batches(num=2, batch=4, seq=12)
+    ref = estimate_importance(model, batches, CALIB, show_progress=False)
+    with init_empty_weights():
+        empty = T.AutoModelForCausalLM.from_config(T.AutoConfig.from_pretrained(tmp_path))
+    got = estimate_importance_streaming(empty, batches, CALIB, device="cpu", checkpoint=str(tmp_path), show_progress=False)
+    for key, value in ref.tensors().items():
+        torch.testing.assert_close(got.tensors()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert all(p.device.type == "meta" for p in empty.parameters())  # every layer freed again
+    with pytest.raises(ValueError, match="checkpoint="):
+        estimate_importance_streaming(empty, batches, CALIB, device="cpu", show_progress=False)

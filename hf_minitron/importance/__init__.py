@@ -7,6 +7,7 @@ from .estimator import (
     estimate_importance,
     layer_perplexities,
 )
+from .streaming import estimate_importance_streaming
 from .scores import HIDDEN_IMPORTANCE_SOURCES, SCORES_NAME, ImportanceScores
 
 
@@ -18,5 +19,6 @@ __all__ = [
     "aggregate_batch",
     "aggregate_sequence",
     "estimate_importance",
+    "estimate_importance_streaming",
     "layer_perplexities",
 ]

@@ -236,17 +236,23 @@ class ImportanceEstimator:
         self._layer_inputs.clear()
 
     # ------------------------------------------------------------------ passes
+    def begin_batch(self, attention_mask: torch.Tensor, count: bool = True) -> None:
+        """Set the token mask ``[batch, seq]`` the hooks use for the next forward (and count its samples and tokens
+        once, with ``count=True``). For custom loops that call the model or single layers themselves."""
+        self._mask = attention_mask.float()
+        self._mask_on = {}
+        if count:
+            self.num_samples += attention_mask.shape[0]
+            self.num_tokens += int(attention_mask.sum())
+
     @torch.inference_mode()
     def observe(self, batch: dict[str, torch.Tensor]) -> None:
         """Run the decoder body (no ``lm_head``: importance never needs logits) on one batch."""
         mask = batch["attention_mask"]
-        self._mask = mask.float()
-        self._mask_on = {}
+        self.begin_batch(mask)
         device = _input_device(self.model, self.layout)
         decoder = self.model.get_submodule(self.layout.decoder)
         decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), use_cache=False)
-        self.num_samples += mask.shape[0]
-        self.num_tokens += int(mask.sum())
 
     def _reduce(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum running statistics over processes (no-op for a single process)."""
