@@ -1,5 +1,6 @@
 """Architecture registry: one small data entry per model family, plus a generic Llama-like fallback."""
 
+from .blocks import MambaLayout, MoELayout
 from .generic import infer_layout, probe_norm_kind
 from .layout import EMBED_SCALES, NORM_KINDS, QK_NORM_SCOPES, ArchitectureLayout
 from .registry import BUILTIN_LAYOUTS, get_layout, register_layout, supported_model_types
@@ -9,6 +10,8 @@ __all__ = [
     "ArchitectureLayout",
     "BUILTIN_LAYOUTS",
     "EMBED_SCALES",
+    "MambaLayout",
+    "MoELayout",
     "NORM_KINDS",
     "QK_NORM_SCOPES",
     "get_layout",
