@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+from torch import nn
+
 
 # Sizes a module attribute can mirror, beyond the dense ones of `layout.SIZE_NAMES`.
 BLOCK_SIZE_NAMES = (
@@ -139,8 +142,11 @@ class MambaLayout:
     in_proj: str = "mamba.in_proj"
     conv1d: str = "mamba.conv1d"
     out_proj: str = "mamba.out_proj"
-    norm: str | None = "mamba.norm"
+    norm: str | None = "mamba.norm"  # a norm module without a weight (nn.Identity: Falcon-H1 `mamba_rms_norm=False`) is skipped
     norm_gate_activation: str = "silu"
+    # Attribute of the norm that, when true, applies the gate after normalising (Falcon-H1 `norm_before_gate`): the RMS
+    # is then taken over y alone instead of y * act(z).
+    norm_before_gate_attribute: str | None = None
     head_tensors: tuple[str, ...] = ("A_log", "D", "dt_bias")  # relative to the mixer
     # Buffers laid out along in_proj's output rows (e.g. a per-row multiplier), sliced with those rows on the last axis.
     in_proj_buffers: tuple[str, ...] = ()  # relative to the mixer
@@ -149,8 +155,11 @@ class MambaLayout:
     head_dim_field: str = "mamba_head_dim"
     n_groups_field: str = "n_groups"
     state_size_field: str = "ssm_state_size"
-    # A config integer with mixer width = expand * hidden_size (GraniteMoeHybrid `mamba_expand`): rewritten, and the
-    # target refused when the new width is not a whole multiple of the new hidden size.
+    # A config integer holding the mixer width heads * head_dim (Falcon-H1 `mamba_d_ssm`): rewritten when set.
+    width_field: str | None = None
+    # A config integer with mixer width = expand * hidden_size (GraniteMoeHybrid `mamba_expand`, and Falcon-H1 when its
+    # width field is None): rewritten, and the target refused when the new width is not a whole multiple of the new
+    # hidden size.
     expand_field: str | None = None
     # Module attributes that cache sizes: {path relative to the mixer ("" = the mixer): {attribute: size name}}.
     attributes: dict[str, dict[str, str]] = field(
@@ -167,36 +176,40 @@ class MambaLayout:
     )
 
     def read_sizes(self, config) -> dict[str, int]:
-        """``mamba_num_heads``, ``mamba_head_dim``, ``mamba_n_groups`` and ``mamba_state_size``."""
-        return {
+        """``mamba_num_heads``, ``mamba_head_dim``, ``mamba_n_groups``, ``mamba_state_size``, and ``mamba_expand`` when
+        the config derives the width from ``expand * hidden_size`` (see :meth:`expand`)."""
+        sizes = {
             "mamba_num_heads": getattr(config, self.num_heads_field),
             "mamba_head_dim": getattr(config, self.head_dim_field),
             "mamba_n_groups": getattr(config, self.n_groups_field),
             "mamba_state_size": getattr(config, self.state_size_field),
         }
+        if self.ties_width_to_hidden(config):
+            sizes["mamba_expand"] = getattr(config, self.expand_field)
+        return sizes
+
+    def ties_width_to_hidden(self, config) -> bool:
+        """Whether ``config`` derives the Mamba width from ``expand * hidden_size`` (no explicit width field value)."""
+        explicit = self.width_field is not None and getattr(config, self.width_field, None) is not None
+        return self.expand_field is not None and not explicit
 
     def write_sizes(self, config, sizes: dict[str, int]) -> None:
         setattr(config, self.num_heads_field, sizes["mamba_num_heads"])
         setattr(config, self.head_dim_field, sizes["mamba_head_dim"])
-        if self.expand_field is not None:
-            setattr(config, self.expand_field, self.expand(sizes))
+        if "mamba_expand" in sizes:
+            setattr(config, self.expand_field, mamba_expand(sizes, self.expand_field))
+        elif self.width_field is not None and getattr(config, self.width_field, None) is not None:
+            setattr(config, self.width_field, sizes["mamba_num_heads"] * sizes["mamba_head_dim"])
 
-    def expand(self, sizes: dict[str, int]) -> int:
-        """The integer ``expand`` with Mamba width ``heads * head_dim == expand * hidden_size`` (``expand_field``).
-
-        Raises:
-            ValueError: the width is not a whole multiple of ``hidden_size``; the message says what would be.
-        """
-        heads, head_dim, hidden = sizes["mamba_num_heads"], sizes["mamba_head_dim"], sizes["hidden_size"]
-        width = heads * head_dim
-        if width % hidden:
-            raise ValueError(
-                f"This family ties the Mamba width to `{self.expand_field}` x hidden_size with an integer "
-                f"`{self.expand_field}`: mamba_num_heads x mamba_head_dim = {heads} x {head_dim} = {width} is not a "
-                f"multiple of hidden_size={hidden}. Choose a hidden_size that divides {width}, or Mamba heads and "
-                f"head_dim whose product is a multiple of {hidden}."
-            )
-        return width // hidden
+    def norm_module(self, layer: nn.Module) -> nn.Module | None:
+        """The gated norm of ``layer``'s mixer, or ``None`` when the family or this model has none (no weight)."""
+        if self.norm is None:
+            return None
+        try:
+            norm = layer.get_submodule(self.norm)
+        except AttributeError:
+            return None
+        return norm if isinstance(getattr(norm, "weight", None), torch.Tensor) else None
 
     def relative(self, path: str) -> str:
         """``path`` (relative to the layer) made relative to the mixer."""
@@ -204,3 +217,20 @@ class MambaLayout:
         if not path.startswith(prefix):
             raise ValueError(f"Mamba path {path!r} is not under the mixer {self.mixer!r}.")
         return path[len(prefix):]
+
+
+def mamba_expand(sizes: dict[str, int], field_name: str = "mamba_expand") -> int:
+    """The integer ``expand`` with Mamba width ``heads * head_dim == expand * hidden_size``.
+
+    Raises:
+        ValueError: the width is not a whole multiple of ``hidden_size``; the message says what would be.
+    """
+    heads, head_dim, hidden = sizes["mamba_num_heads"], sizes["mamba_head_dim"], sizes["hidden_size"]
+    width = heads * head_dim
+    if width % hidden:
+        raise ValueError(
+            f"This model ties the Mamba width to `{field_name}` x hidden_size with an integer `{field_name}`: "
+            f"mamba_num_heads x mamba_head_dim = {heads} x {head_dim} = {width} is not a multiple of hidden_size={hidden}. "
+            f"Choose a hidden_size that divides {width}, or Mamba heads and head_dim whose product is a multiple of {hidden}."
+        )
+    return width // hidden

@@ -160,6 +160,8 @@ class ArchitectureLayout:
         default_factory=lambda: {"hidden_size": "hidden", "intermediate_size": "intermediate"}
     )
     layer_attributes: dict[str, str] = field(default_factory=lambda: {"hidden_size": "hidden"})
+    # Whether a decoder layer returns ``(hidden_states,)`` rather than the tensor (Falcon-H1).
+    layer_output_tuple: bool = False
     # Blocks beyond attention + dense MLP.
     moe: MoELayout | None = None
     mamba: MambaLayout | None = None
@@ -407,7 +409,8 @@ class ArchitectureLayout:
                 expect(layer, m.in_proj, (2 * width + state + s["mamba_num_heads"], hidden), p)
                 expect(layer, m.conv1d, (width + state, 1, getattr(layer.get_submodule(m.conv1d), "kernel_size", (1,))[0]), p)
                 expect(layer, m.out_proj, (hidden, width), p)
-                expect(layer, m.norm, (width,), p)
+                if m.norm_module(layer) is not None:
+                    expect(layer, m.norm, (width,), p)
                 for name in m.head_tensors:
                     expect(layer, m.mixer, (s["mamba_num_heads"],), p, name)
             for name in self.layer_norm_roles_of(layer, parts):

@@ -174,6 +174,24 @@ GRANITEMOEHYBRID_LAYOUT = ArchitectureLayout(
     ),
 )
 
+# Falcon-H1: every layer runs Mamba2 and attention in parallel from `input_layernorm` (outputs summed, each times a
+# config multiplier), then `pre_ff_layernorm` -> gated MLP. The Mamba width is `mamba_d_ssm` (or `mamba_expand` x
+# hidden_size when None); in_proj rows carry the per-section muP multipliers of the `mup_vector` buffer; the gated norm
+# (optional, `mamba_rms_norm`) may apply the gate after normalising (`norm_before_gate`).
+FALCON_H1_LAYOUT = ArchitectureLayout(
+    model_types=("falcon_h1",),
+    final_norm="model.final_layernorm",
+    mlp="feed_forward", gate_proj="feed_forward.gate_proj", up_proj="feed_forward.up_proj",
+    down_proj="feed_forward.down_proj", mlp_norm="pre_ff_layernorm",
+    per_layer_config_fields=(),  # `layer_types` is derived from num_hidden_layers (all "hybrid")
+    layer_output_tuple=True,
+    mamba=MambaLayout(
+        num_heads_field="mamba_n_heads", head_dim_field="mamba_d_head", n_groups_field="mamba_n_groups",
+        state_size_field="mamba_d_state", width_field="mamba_d_ssm", expand_field="mamba_expand",
+        in_proj_buffers=("mup_vector",), norm_before_gate_attribute="norm_before_gate",
+    ),
+)
+
 BUILTIN_LAYOUTS: tuple[ArchitectureLayout, ...] = (
     LLAMA_LAYOUT,
     MISTRAL_LAYOUT,
@@ -192,6 +210,7 @@ BUILTIN_LAYOUTS: tuple[ArchitectureLayout, ...] = (
     OLMOE_LAYOUT,
     NEMOTRON_H_LAYOUT,
     GRANITEMOEHYBRID_LAYOUT,
+    FALCON_H1_LAYOUT,
 )
 
 _REGISTRY: dict[str, ArchitectureLayout] = {}

@@ -173,7 +173,8 @@ class ImportanceEstimator:
         )
         # The Mamba gated norm's input energy, for its correction after Mamba heads / channels are dropped.
         self.mamba_moments = [
-            _Moments(False) if "mamba" in p and layout.mamba.norm is not None else None for p in self.parts
+            _Moments(False) if "mamba" in p and layout.mamba.norm_module(layer) is not None else None
+            for layer, p in zip(layers, self.parts)
         ] if layout.mamba is not None else []
         self.bi_sum: list[torch.Tensor | None] = [None] * num_layers  # sum over tokens of 1 - cos
         self.num_samples = 0
@@ -248,11 +249,12 @@ class ImportanceEstimator:
 
         return hook
 
-    def _moments_hook(self, moments: _Moments, gate_activation: Callable | None = None) -> Callable:
+    def _moments_hook(self, moments: _Moments, gate_activation: Callable | None = None, before_gate: str | None = None) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0]
             gate = args[1] if len(args) > 1 else kwargs.get("gate")
-            if gate_activation is not None and gate is not None:
+            gated_input = not (before_gate and getattr(module, before_gate, False))
+            if gate_activation is not None and gate is not None and gated_input:
                 x = x.float() * gate_activation(gate.float())  # a gated norm normalises y * act(z)
             moments.add(self._tokens(x), self._mask_for(x.device))
 
@@ -299,9 +301,10 @@ class ImportanceEstimator:
                 mamba = layout.mamba
                 pre(layer, mamba.out_proj, self._head_hook(g["mamba_heads"][0][i], self.sizes["mamba_head_dim"]))
                 pre(layer, mamba.out_proj, self._abs_input_hook(g["mamba_channels"][0][i]))
-                if mamba.norm is not None:
+                if self.mamba_moments[i] is not None:
                     act = ACT2FN[mamba.norm_gate_activation]
-                    pre(layer, mamba.norm, self._moments_hook(self.mamba_moments[i], act), with_kwargs=True)
+                    hook = self._moments_hook(self.mamba_moments[i], act, mamba.norm_before_gate_attribute)
+                    pre(layer, mamba.norm, hook, with_kwargs=True)
             self._handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._layer_hook(i), with_kwargs=True))
         for (i, _, path), stat in zip(self.sublayer_sites, self.sublayer_stats):

@@ -126,8 +126,8 @@ def prune_mamba(
     for name in mamba.head_tensors:
         tensor = getattr(mixer, name)
         _replace(mixer, name, tensor.index_select(0, _index(heads, tensor.device)))
-    if mamba.norm is not None:
-        norm = layer.get_submodule(mamba.norm)
+    norm = mamba.norm_module(layer)
+    if norm is not None:
         slice_norm(norm, kept)
         groups = len(norm_scales)
         factors = torch.tensor(norm_scales, dtype=norm.weight.dtype, device=norm.weight.device)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.utils import logging
 
+from ..architectures.blocks import mamba_expand
 from ..architectures.layout import BLOCK_SIZE_KEYS, ArchitectureLayout
 from ..config import MinitronPruneConfig
 from ..importance import ImportanceScores
@@ -196,8 +197,9 @@ def _check_block_targets(source: dict[str, int], target: dict[str, int], layout:
                 f"within each group, so every group keeps the same count. Choose a multiple of {groups}, e.g. "
                 f"mamba_num_heads={max(groups, heads - heads % groups)}."
             )
-        if layout is not None and layout.mamba is not None and layout.mamba.expand_field is not None:
-            layout.mamba.expand(target)  # raises when the family's integer expand cannot hold the new width
+        if "mamba_expand" in target:  # the width is expand x hidden_size (GraniteMoeHybrid): expand must stay an integer
+            name = layout.mamba.expand_field if layout is not None and layout.mamba is not None else "mamba_expand"
+            target["mamba_expand"] = mamba_expand(target, name)
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
