@@ -42,7 +42,7 @@ def _resolve(config, layout: ArchitectureLayout, parts, sizes: Mapping[str, int]
     source = layout.read_sizes(config)
     if isinstance(sizes, MinitronPruneConfig):
         return resolve_target_sizes(source, sizes, layout, parts)
-    unknown = sorted(set(sizes) - set(source))
+    unknown = sorted(set(sizes) - set(source) - set(TARGET_FIELDS))
     if unknown:
         raise ValueError(f"Unknown size(s) {unknown} for this {config.model_type} model; its sizes are {sorted(source)}.")
     targets = MinitronPruneConfig(**{k: v for k, v in sizes.items() if k in TARGET_FIELDS})

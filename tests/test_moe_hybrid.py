@@ -402,6 +402,8 @@ def test_every_family_prunes_every_axis_and_reloads_in_a_fresh_stock_process(tmp
                 assert getattr(pruned.config, field_name) == [values[i] for i in kept], (name, field_name)
         for field_name in family.preserved:
             assert getattr(pruned.config, field_name) == getattr(source, field_name), (name, field_name)
+        if isinstance(getattr(pruned, "num_experts", None), int):  # cached on the *ForCausalLM for its balancing loss
+            assert pruned.num_experts == family.done_when["num_experts"]
         ids = INPUT[:1, :8]
         kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
         with torch.no_grad():

@@ -72,6 +72,8 @@ class MoELayout:
     latent_size_field: str | None = None
     # Module attributes that cache sizes: {module path relative to the layer: {attribute: size name}}.
     attributes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Attributes of the *ForCausalLM model itself that cache sizes (its load-balancing loss reads `num_experts`).
+    model_attributes: dict[str, str] = field(default_factory=lambda: {"num_experts": "experts"})
 
     def __post_init__(self) -> None:
         if (self.expert_gate_up_proj is None) == (self.expert_up_proj is None):

@@ -191,6 +191,8 @@ class ArchitectureLayout:
         for sub in (self.moe, self.mamba):
             if sub is not None:
                 attribute_maps += [(f"{type(sub).__name__}.attributes[{k!r}]", v) for k, v in sub.attributes.items()]
+        if self.moe is not None:
+            attribute_maps.append(("MoELayout.model_attributes", self.moe.model_attributes))
         for name, mapping in attribute_maps:
             bad = {k: v for k, v in mapping.items() if v not in SIZE_NAMES}
             if bad:

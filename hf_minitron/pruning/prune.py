@@ -234,6 +234,11 @@ def apply_plan(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout, co
         _compensate_embedding_scale(model, layout, source, target, tied)
 
     layout.write_sizes(model.config, target)
+    if layout.moe is not None and "num_experts" in target:
+        sizes = {"experts": target["num_experts"]}
+        for attr, size in layout.moe.model_attributes.items():
+            if isinstance(getattr(model, attr, None), int) and size in sizes:
+                setattr(model, attr, sizes[size])
 
 
 def check_plan_reloads(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout) -> None:
