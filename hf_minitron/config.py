@@ -42,8 +42,10 @@ TARGET_FIELDS = (
 #   "output_norm":    aggregated ||w_t * expert(x_t)||, the routing-weighted output norm of the expert (0 for tokens not
 #                     routed to it): the expert analogue of the attention-head score.
 #   "routing_weight": aggregated routing weight w_t the router gave the expert (0 when not in the token's top-k).
+#   "router_probability": aggregated router probability of the expert on every token, picked or not (softmax, or sigmoid
+#                     for Nemotron-H, of the router logits).
 #   "frequency":      aggregated share of tokens routed to the expert.
-EXPERT_IMPORTANCE_SOURCES = ("output_norm", "routing_weight", "frequency")
+EXPERT_IMPORTANCE_SOURCES = ("output_norm", "routing_weight", "router_probability", "frequency")
 
 
 @dataclass
@@ -94,8 +96,8 @@ class MinitronPruneConfig(PushToHubMixin):
             0.1), ``"all_norms_normalized"`` (each norm's scores scaled to mean 1 before summing) or ``"residual"``
             (each layer's output). A pruning-time choice: one importance pass records every source.
         expert_importance: How routed experts are ranked, one of ``EXPERT_IMPORTANCE_SOURCES``: ``"output_norm"``
-            (default: the routing-weighted output norm of the expert), ``"routing_weight"`` (router weight mass) or
-            ``"frequency"`` (share of tokens routed). A pruning-time choice: one importance pass records all three.
+            (default: the routing-weighted output norm of the expert), ``"routing_weight"`` (routing weight mass),
+            ``"router_probability"`` (router probability on every token) or ``"frequency"`` (share of tokens routed). A pruning-time choice: one importance pass records all three.
         num_calibration_samples: Calibration sequences to use (the papers use 1024).
         calibration_seq_length: Tokens per calibration sequence when text is tokenized for you.
         calibration_batch_size: Sequences per forward pass.

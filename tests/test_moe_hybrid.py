@@ -275,6 +275,57 @@ def test_every_family_is_registered_and_matches_its_modules():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_every_per_layer_config_list_is_registry_data(name):
+    model = make(name)
+    layout = get_layout(model)
+    num_layers = len(layout.decoder_layers(model))
+    per_layer = {k for k, v in model.config.to_dict().items() if isinstance(v, list) and len(v) == num_layers}
+    assert per_layer <= set(layout.per_layer_config_fields), per_layer - set(layout.per_layer_config_fields)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pre_norms_feed_the_blocks_the_registry_says(name):
+    # A "pre_attention" norm's output is what the token mixer's first matmul reads (q/k/v or the Mamba in_proj), a
+    # "pre_mlp" norm's what the MLP / router reads, up to a config multiplier (Falcon-H1 scales them).
+    model = make(name)
+    layout = get_layout(model)
+    seen = {}
+
+    def record(key):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output  # routers return (logits, weights, indices)
+            seen[key] = (x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1]))
+        return hook
+
+    for i, layer in enumerate(layout.decoder_layers(model)):
+        parts = layout.layer_parts(layer)
+        readers = {"pre_attention": [], "pre_mlp": []}
+        if "attention" in parts:
+            readers["pre_attention"].append(layout.q_proj or layout.qkv_proj)
+        if "mamba" in parts:
+            readers["pre_attention"].append(layout.mamba.in_proj)
+        if "mlp" in parts:
+            readers["pre_mlp"].append(layout.gate_proj or layout.gate_up_proj or layout.up_proj)
+        if "moe" in parts:
+            readers["pre_mlp"].append(layout.moe.router)
+        if "shared_expert" in parts:
+            readers["pre_mlp"].append(layout.moe.shared_gate_proj or layout.moe.shared_gate_up_proj or layout.moe.shared_up_proj)
+        roles = layout.layer_norm_roles_of(layer)
+        paths = set(roles) | {p for group in readers.values() for p in group}
+        handles = [layer.get_submodule(p).register_forward_hook(record(p), with_kwargs=True) for p in paths]
+        logits(model)
+        for handle in handles:
+            handle.remove()
+        for norm, role in roles.items():
+            assert readers[role], (name, i, norm, role)
+            for reader in readers[role]:
+                out, read = seen[norm][1], seen[reader][0]
+                torch.testing.assert_close(read / read.norm(), out / out.norm(), msg=f"{name} layer {i}: {norm} -> {reader}")
+        assert {r for r, group in readers.items() if group} == set(roles.values()), (name, i)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_pruning_nothing_is_exact(name):
     model = make(name)
     ref = logits(model)
@@ -311,7 +362,7 @@ def test_planted_dead_units_rank_lowest_and_prune_exactly(name):
         _balance_routers(model, layout, DEAD_EXPERTS, constant)
     ref = logits(model)
     scores = scores_for(model)
-    for source in ("output_norm", "routing_weight", "frequency") if layout.moe is not None else ():
+    for source in ("output_norm", "routing_weight", "router_probability", "frequency") if layout.moe is not None else ():
         experts = scores.expert_scores(source)
         for i, parts in enumerate(parts_of(model)):
             if "moe" in parts:  # the dead experts rank lowest under every expert importance source

@@ -48,6 +48,8 @@ class MoELayout:
     expert_down_proj: str = "down_proj"
     expert_activation: str = "act_fn"  # attribute of the experts module holding the activation
     router_expert_tensors: tuple[str, ...] = ()
+    # How router logits (the router's first output, [T, E]) become per-expert probabilities: "softmax" or "sigmoid".
+    router_probability: str = "softmax"
     # Shared expert (paths relative to the layer; None: the family has none).
     shared_gate_proj: str | None = None
     shared_up_proj: str | None = None
@@ -82,6 +84,8 @@ class MoELayout:
             raise ValueError("A shared expert needs shared_up_proj (with or without shared_gate_proj) or shared_gate_up_proj.")
         if self.shared_down_proj is not None and self.shared_intermediate_size_field is None:
             raise ValueError("A shared expert needs shared_intermediate_size_field (its config width).")
+        if self.router_probability not in ("softmax", "sigmoid"):
+            raise ValueError(f"router_probability must be 'softmax' or 'sigmoid', got {self.router_probability!r}.")
         if self.min_experts_per_group < 1:
             raise ValueError("min_experts_per_group must be >= 1.")
 

@@ -139,7 +139,7 @@ NEMOTRON_H_LAYOUT = ArchitectureLayout(
     per_layer_config_fields=("layers_block_type",),
     moe=MoELayout(
         router="mixer.gate", experts="mixer.experts", expert_gate_up_proj=None, expert_up_proj="up_proj",
-        router_expert_tensors=("e_score_correction_bias",),
+        router_expert_tensors=("e_score_correction_bias",), router_probability="sigmoid",
         shared_up_proj="mixer.shared_experts.up_proj", shared_down_proj="mixer.shared_experts.down_proj",
         num_experts_field="n_routed_experts", shared_intermediate_size_field="moe_shared_expert_intermediate_size",
         expert_groups_field="n_group", min_experts_per_group=2, latent_size_field="moe_latent_size",

@@ -75,6 +75,7 @@ def magnitude_importance(model: nn.Module) -> ImportanceScores:
     if layout.moe is not None:
         experts = _zeros_where_absent(rows["experts"], (s["num_experts"],))
         blocks.update(expert_output_norm=experts, expert_routing_weight=experts.clone(), expert_frequency=experts.clone(),
+                      expert_router_probability=experts.clone(),
                       expert_neurons=_zeros_where_absent(rows["expert_neurons"], (s["num_experts"], s["moe_intermediate_size"])))
         if "shared_expert_intermediate_size" in s:
             blocks["shared_neurons"] = _zeros_where_absent(rows["shared"], (s["shared_expert_intermediate_size"],))
@@ -108,7 +109,8 @@ def random_importance(model: nn.Module, seed: int = 0) -> ImportanceScores:
     )
     if layout.moe is not None:
         experts = torch.rand(num_layers, s["num_experts"], generator=gen)
-        scores.expert_output_norm, scores.expert_routing_weight, scores.expert_frequency = experts, experts, experts
+        scores.expert_output_norm = scores.expert_routing_weight = scores.expert_frequency = experts
+        scores.expert_router_probability = experts
         scores.expert_neurons = torch.rand(num_layers, s["num_experts"], s["moe_intermediate_size"], generator=gen)
         if "shared_expert_intermediate_size" in s:
             scores.shared_neurons = torch.rand(num_layers, s["shared_expert_intermediate_size"], generator=gen)

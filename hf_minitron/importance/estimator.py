@@ -140,7 +140,7 @@ class ImportanceEstimator:
             "neurons": per_layer("mlp", s.get("intermediate_size", 0)),
         }
         if layout.moe is not None:
-            for name in EXPERT_STATISTICS[:3]:
+            for name in EXPERT_STATISTICS[:3] + ("expert_router_probability",):
                 self.groups[name] = per_layer("moe", s["num_experts"])
             self.groups["expert_neurons"] = per_layer("moe", s["num_experts"], s["moe_intermediate_size"])
             if "shared_expert_intermediate_size" in s:
@@ -240,6 +240,15 @@ class ImportanceEstimator:
 
         return hook
 
+    def _router_hook(self, stat: _Stat) -> Callable:
+        probability = torch.sigmoid if self.layout.moe.router_probability == "sigmoid" else lambda x: x.softmax(-1)
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            logits = output[0] if isinstance(output, tuple) else output  # [tokens, experts]
+            stat.add(self._units(probability(logits.float())))
+
+        return hook
+
     def _norm_hook(self, norm_idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             y = output[0] if isinstance(output, tuple) else output  # [batch, seq, hidden]
@@ -295,6 +304,8 @@ class ImportanceEstimator:
             if "moe" in parts:
                 experts = layer.get_submodule(layout.moe.experts)
                 self._handles.append(experts.register_forward_hook(self._experts_hook(i), with_kwargs=True))
+                router = layer.get_submodule(layout.moe.router)
+                self._handles.append(router.register_forward_hook(self._router_hook(g["expert_router_probability"][0][i])))
             if "shared_expert" in parts:
                 pre(layer, layout.moe.shared_down_proj, self._abs_input_hook(g["shared_neurons"][0][i]))
             if "mamba" in parts:

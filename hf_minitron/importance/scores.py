@@ -20,7 +20,8 @@ _PRE_SUBLAYER_ROLES = ("pre_attention", "pre_mlp")
 _OPTIONAL = ("layer_perplexity", "norm_outputs", "norm_input_sq", "norm_input_mean", "sublayer_inputs", "residual",
              "q_norm_input_sq", "k_norm_input_sq")
 # Scores of MoE and Mamba blocks, rows per layer (zeros in layers without that block).
-_BLOCK = ("expert_output_norm", "expert_routing_weight", "expert_frequency", "expert_neurons", "shared_neurons",
+_BLOCK = ("expert_output_norm", "expert_routing_weight", "expert_router_probability", "expert_frequency", "expert_neurons",
+          "shared_neurons",
           "mamba_heads", "mamba_channels", "mamba_norm_input_sq")
 
 
@@ -48,6 +49,8 @@ class ImportanceScores:
         expert_output_norm / expert_routing_weight / expert_frequency: ``[num_layers, num_experts]`` per routed expert:
             the aggregated norm of its routing-weighted output ``||w_t * expert(x_t)||``, its routing weight ``w_t``,
             and whether it was routed to (1/0), each 0 on tokens not routed to it (see :meth:`expert_scores`).
+        expert_router_probability: ``[num_layers, num_experts]`` the aggregated router probability of each expert on
+            every token (softmax or sigmoid of the router logits), whether or not the token was routed to it.
         expert_neurons: ``[num_layers, num_experts, moe_intermediate_size]`` aggregated ``|w_t * a_t|`` per expert
             neuron, where ``a_t`` is the input of the expert's ``down_proj`` (the routing weight folded in).
         shared_neurons: ``[num_layers, shared_expert_intermediate_size]`` per shared-expert neuron (``down_proj`` input).
@@ -85,6 +88,7 @@ class ImportanceScores:
     expert_output_norm: torch.Tensor | None = None
     expert_routing_weight: torch.Tensor | None = None
     expert_frequency: torch.Tensor | None = None
+    expert_router_probability: torch.Tensor | None = None
     expert_neurons: torch.Tensor | None = None
     shared_neurons: torch.Tensor | None = None
     mamba_heads: torch.Tensor | None = None
@@ -172,6 +176,7 @@ class ImportanceScores:
             "expert_output_norm": ("experts", lambda r: r),
             "expert_routing_weight": ("experts", lambda r: r),
             "expert_frequency": ("experts", lambda r: r),
+            "expert_router_probability": ("experts", lambda r: r),
             "expert_neurons": ("expert neurons", lambda r: r),
             "shared_neurons": ("shared-expert neurons", lambda r: r),
             "mamba_heads": ("Mamba heads", lambda r: r),
