@@ -26,6 +26,8 @@ import copy
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -55,6 +57,22 @@ def _save(path: str | None, state: dict) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def _locked(path: str | None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (no-op without one)."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(EMBEDDED_MODELS), default="smollm2-135m")
@@ -66,7 +84,9 @@ def main() -> None:
     parser.add_argument("--eval_samples", type=int, default=None, help="cap on held-out windows (default: all)")
     parser.add_argument("--eval_batch_size", type=int, default=2)
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: bos,grid,combined,depth,heads")
-    parser.add_argument("--output_json", default=None, help="rows are saved here and skipped on rerun")
+    parser.add_argument("--output_json", default=None, help="rows (and the importance scores beside) are saved here and reused on rerun")
+    parser.add_argument("--lock_file", default=None, help="hold this file's lock (fcntl) during each row: yields the CPU to other "
+                        "jobs that use the same lock between rows on a shared machine")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     skip = set(filter(None, args.skip.split(",")))
@@ -84,10 +104,8 @@ def main() -> None:
     print(f"{args.model}: calibration {len(calib)} x {args.calib_seq_length} tokens; held-out {len(held_out)} x "
           f"{args.eval_seq_length} tokens; BOS per sample: {bool(calib[0][0] == tok.bos_token_id)}", flush=True)
 
-    def row(name: str, build, data=held_out) -> float:
-        if name in state["rows"]:
-            r = state["rows"][name]
-        else:
+    def measure(build, data) -> dict:
+        with _locked(args.lock_file):
             start = time.perf_counter()
             m = build()
             seconds = time.perf_counter() - start
@@ -96,9 +114,13 @@ def main() -> None:
             kept = getattr(m, "minitron_provenance", {}).get("kept", {}).get("layers")
             if kept is not None and len(kept) != model.config.num_hidden_layers:
                 r["kept_layers"] = kept
-            state["rows"][name] = r
+        return r
+
+    def row(name: str, build, data=held_out) -> float:
+        if name not in state["rows"]:
+            state["rows"][name] = measure(build, data)
             _save(args.output_json, state)
-            del m
+        r = state["rows"][name]
         print(f"{name:<62} params {r['params'] / 1e6:7.2f}M  ppl {r['perplexity']:12.2f}", flush=True)
         return r["perplexity"]
 
@@ -107,11 +129,18 @@ def main() -> None:
         no_bos = pack_texts(held, tok, args.eval_seq_length, args.eval_samples, add_bos=False)
         row("teacher, no BOS in the evaluation windows", lambda: model, data=no_bos)
 
-    start = time.perf_counter()
     config = MinitronPruneConfig(num_calibration_samples=args.calib_samples, calibration_seq_length=args.calib_seq_length,
                                  calibration_batch_size=4)
-    scores = estimate_importance(model, calib, config)
-    print(f"importance pass: {time.perf_counter() - start:.1f}s", flush=True)
+    scores_path = f"{os.path.splitext(args.output_json)[0]}.scores.safetensors" if args.output_json else None
+    if scores_path and os.path.isfile(scores_path):
+        scores = ImportanceScores.load(scores_path)
+    else:
+        with _locked(args.lock_file):
+            start = time.perf_counter()
+            scores = estimate_importance(model, calib, config)
+            print(f"importance pass: {time.perf_counter() - start:.1f}s", flush=True)
+        if scores_path:
+            scores.save(scores_path)
     hidden_only, combined, depth, heads = TARGETS[args.model]
 
     def pruned(scores_: ImportanceScores, **settings):
@@ -132,11 +161,12 @@ def main() -> None:
         row(f"width {label} | random (sqrt)", pruned(random_importance(model), **combined, rescale_norms="sqrt"))
 
     if "depth" not in skip:
-        depth_scores = estimate_importance(
-            model, calib[: args.depth_calib_samples],
-            MinitronPruneConfig(num_calibration_samples=args.depth_calib_samples, calibration_seq_length=args.calib_seq_length,
-                                calibration_batch_size=4, depth_criterion="perplexity"),
-        )
+        with _locked(args.lock_file):
+            depth_scores = estimate_importance(
+                model, calib[: args.depth_calib_samples],
+                MinitronPruneConfig(num_calibration_samples=args.depth_calib_samples, calibration_seq_length=args.calib_seq_length,
+                                    calibration_batch_size=4, depth_criterion="perplexity"),
+            )
         depth_scores.block_importance = scores.block_importance  # Block Importance from the full calibration pass
         source_layers = model.config.num_hidden_layers
         for criterion in ("block_importance", "perplexity"):
