@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .logits import LogitTransform
+
 
 # How a norm layer applies its weight (``x_hat`` is the RMS- or mean/std-normalised input):
 #   "rms":                x_hat * w                 (Llama, Mistral, Qwen, Phi-3, OLMo2, Granite)
@@ -113,6 +115,10 @@ class ArchitectureLayout:
         default_factory=lambda: {"hidden_size": "hidden", "intermediate_size": "intermediate"}
     )
     layer_attributes: dict[str, str] = field(default_factory=lambda: {"hidden_size": "hidden"})
+    # Elementwise steps from the `lm_head` output to `.logits`, in order (see `architectures/logits.py`): e.g.
+    # Granite divides by `logits_scaling`, Gemma-2/3 soft-cap. Code that rebuilds logits from the head's weights
+    # (the fused distillation loss) applies them.
+    logit_transforms: tuple[LogitTransform, ...] = ()
 
     def __post_init__(self) -> None:
         if self.norm_kind not in NORM_KINDS:
@@ -128,6 +134,8 @@ class ArchitectureLayout:
             raise ValueError("A fused gate_up_proj replaces gate_proj and up_proj: set those to None.")
         if self.gate_up_proj is None and self.up_proj is None:
             raise ValueError("The MLP needs an up_proj (non-gated / gated) or a fused gate_up_proj.")
+        if not all(isinstance(t, LogitTransform) for t in self.logit_transforms):
+            raise ValueError(f"logit_transforms must be a tuple of LogitTransform, got {self.logit_transforms!r}.")
         for name in ("attention_attributes", "mlp_attributes", "layer_attributes"):
             bad = {k: v for k, v in getattr(self, name).items() if v not in SIZE_NAMES}
             if bad:

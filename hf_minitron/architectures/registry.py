@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from .layout import ArchitectureLayout
+from .logits import LogitTransform
 
 
 # Llama-shaped: pre-norm RMSNorm, separate q/k/v, gated MLP. Mistral only adds a sliding window (a config
@@ -18,16 +19,19 @@ MISTRAL_LAYOUT = ArchitectureLayout(model_types=("mistral",))
 QWEN2_LAYOUT = ArchitectureLayout(model_types=("qwen2",))
 # Granite: Llama plus scalar multipliers (embedding, residual, attention scaling, logits) that do not depend
 # on any pruned size; the attention scaling replaces 1/sqrt(head_dim), and head_dim never changes.
-GRANITE_LAYOUT = ArchitectureLayout(model_types=("granite",))
+# `.logits` are the head output divided by `logits_scaling`.
+GRANITE_LAYOUT = ArchitectureLayout(model_types=("granite",), logit_transforms=(LogitTransform("divide", "logits_scaling"),))
 # Qwen3: per-head q/k RMSNorm ([head_dim], shared by all heads).
 QWEN3_LAYOUT = ArchitectureLayout(model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 # Gemma: (1 + w) RMSNorm and embeddings multiplied by sqrt(hidden_size).
 GEMMA_LAYOUT = ArchitectureLayout(model_types=("gemma",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden")
 # Gemma2: Gemma plus a post-attention norm on the attention output and pre/post feed-forward norms; attention
-# and final-logit softcapping are config scalars (preserved as they are).
+# and final-logit softcapping are config scalars (preserved as they are). `.logits` are soft-capped head outputs.
 _GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_SOFTCAP = (LogitTransform("softcap", "final_logit_softcapping"),)
 GEMMA2_LAYOUT = ArchitectureLayout(
-    model_types=("gemma2",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden", layer_norms=_GEMMA2_NORMS
+    model_types=("gemma2",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden", layer_norms=_GEMMA2_NORMS,
+    logit_transforms=_SOFTCAP,
 )
 # Gemma3 (text-only Gemma3ForCausalLM, model_type "gemma3_text"): Gemma2 plus per-head q/k norms.
 GEMMA3_LAYOUT = ArchitectureLayout(
@@ -37,6 +41,7 @@ GEMMA3_LAYOUT = ArchitectureLayout(
     layer_norms=_GEMMA2_NORMS,
     q_norm="self_attn.q_norm",
     k_norm="self_attn.k_norm",
+    logit_transforms=_SOFTCAP,
 )
 # Phi-3: fused qkv_proj ([q; k; v] rows) and fused gate_up_proj ([gate; up] rows).
 PHI3_LAYOUT = ArchitectureLayout(
