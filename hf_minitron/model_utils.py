@@ -85,8 +85,8 @@ def strip_instance_patches(model: nn.Module, keep: PatchSnapshot | None = None, 
     With ``foreign_only=True`` only patches that reach an `nn.Module` outside ``model`` are removed: those make the
     model run another object's weights (a `deepcopy` of a model patched by TRL or accelerate). Otherwise every patch
     is removed except those in ``keep`` (a snapshot from :func:`instance_patches` taken before a trainer touched the
-    model, e.g. the user's own `device_map` hooks); foreign patches go in any case. When a module loses its
-    ``forward`` patch, its saved originals go with it.
+    model: the user's own) and those on modules dispatched by accelerate (`device_map`, which needs its hooks to
+    run); foreign patches go in any case. When a module loses its ``forward`` patch, its saved originals go with it.
 
     Returns:
         The removed attributes, as ``"<module path>.<name>"`` (``"forward"`` for the root).
@@ -103,8 +103,10 @@ def strip_instance_patches(model: nn.Module, keep: PatchSnapshot | None = None, 
         drop = set()
         for name, value in patches.items():
             foreign = any(id(m) not in inside for m in _referenced_modules(value))
-            ours = keep is None or keep.get((id(module), name)) is not value
-            if foreign or (not foreign_only and ours):
+            # accelerate's `device_map` dispatch hooks (`_hf_hook`) move tensors between devices: the model cannot run
+            # without them, and they point at their own module
+            added = (keep is None or keep.get((id(module), name)) is not value) and not hasattr(module, "_hf_hook")
+            if foreign or (not foreign_only and added):
                 drop.add(name)
         if "forward" in drop:
             drop.update(n for n in _COMPANIONS if n in patches)

@@ -249,3 +249,30 @@ def test_teacher_head_is_copied_to_the_student_device_once(tmp_path):
         w1, _ = trainer._teacher_head(torch.device("meta"), stack)
         w2, _ = trainer._teacher_head(torch.device("meta"), stack)
     assert w1.device.type == "meta" and w2 is w1
+
+
+def test_strip_instance_patches_rules():
+    import functools
+    import types
+
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = make_teacher()
+    model.forward = types.MethodType(type(model).forward, model)  # the user's own patch, bound to the model
+    snapshot = instance_patches(model)
+    layers = model.model.layers
+    layers[0].forward = functools.partial(type(layers[0]).forward, layers[0])  # added later, e.g. by a trainer
+    add_hook_to_module(layers[1], ModelHook())  # a `device_map` dispatch hook: needed to run
+    assert strip_instance_patches(model, keep=snapshot) == ["model.layers.0.forward"]
+    assert "forward" in vars(model) and "forward" in vars(layers[1])
+
+    # A closure over the model (TRL-style) survives a deepcopy pointing at the original: foreign in the copy only
+    original_forward = model.forward
+    model.forward = types.MethodType(lambda self, *a, **k: original_forward(*a, **k), model)
+    clone = copy.deepcopy(model)
+    assert strip_instance_patches(model, foreign_only=True) == []
+    assert strip_instance_patches(clone, foreign_only=True) == ["forward"]
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with torch.no_grad():
+        clone.lm_head.weight.zero_()
+        assert clone(ids).logits.abs().max() == 0  # the copy now runs its own (zeroed) head

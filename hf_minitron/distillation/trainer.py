@@ -178,8 +178,24 @@ class DistillationTrainer(SFTTrainer):
       cross-entropy term (`ce_weight`, default 0);
     - an optional hidden-state loss (cosine or MSE) between post-norm hidden states of mapped layers, through one
       learned `nn.Linear(H_student, H_teacher, bias=False)` shared across layers when the widths differ, weighted by a
-      fixed float or dynamically by α = L_logits / L_hidden;
+      fixed float or dynamically by α = L_logits / L_hidden, one value per optimizer step (see below);
     - a frozen teacher in eval mode, run under `torch.no_grad()` and prepared by accelerate like TRL's `GKDTrainer`.
+
+    Not TRL's own `trl.DistillationTrainer`, which is on-policy (the student generates, with vLLM, and is trained
+    on its own samples): this one is off-policy, on a fixed corpus, for students pruned from their teacher.
+
+    The logits the loss rebuilds from each `lm_head` include the family's post-head transforms (registry data,
+    `ArchitectureLayout.logit_transforms`: Granite's `logits_scaling`, Gemma-2/3 soft-capping, ...). At construction
+    one 4-token forward per model checks that they, the head's input and the head itself reproduce the model's own
+    `.logits`; an unregistered causal LM is accepted when `.logits` is its head output as is, or scaled, divided or
+    soft-capped by one of its config fields, and refused otherwise. Student and teacher must share a tokenizer: every
+    tokenizer that is known (`processing_class`, and those saved beside either model's weights) is compared by
+    vocabulary and special tokens.
+
+    Dynamic α is L_logits / L_hidden of a whole optimizer step (all gradient-accumulation micro-batches, all
+    data-parallel ranks), taken from the previous step's totals; the first step measures its own with one extra
+    forward without gradients. Updates are therefore the same for batch 4 × accumulation 1, batch 1 × accumulation 4
+    or 4 ranks × batch 1, and α is checkpointed so a resumed run continues exactly.
 
     Tokens are selected by SFT's labels: positions whose next-token label is `-100` (padding, prompt in
     completion-only training, non-assistant turns) are excluded. Every loss is summed over those tokens and divided
@@ -188,12 +204,22 @@ class DistillationTrainer(SFTTrainer):
     (the last layer's output already is), so both models are compared at the scale their `lm_head` sees.
 
     The projection belongs to the trainer: it is an extra optimizer parameter group, saved as
-    `checkpoint-*/minitron_projection.safetensors` and restored on resume; the saved student is a stock model.
+    `checkpoint-*/minitron_projection.safetensors` and restored on resume; the saved student is a stock model. After
+    `train()` neither model carries an instance-level `forward` patch added by TRL or accelerate, so copies of them
+    (how further students are pruned) run their own weights.
+
+    PEFT: adapters anywhere but on `lm_head`; `modules_to_save=["lm_head"]` trains a full copy of the head through
+    the fused loss. An adapter layer on `lm_head` (or on the teacher's) raises a `ValueError`.
 
     Args:
         model: The student (model or path), as in [`~trl.SFTTrainer`].
         teacher_model: The teacher (model or path; `args.teacher_model_init_kwargs` when a path). It must share the
             student's tokenizer; `lm_head`s padded beyond the tokenizer are compared on their common rows.
+
+    Raises:
+        ValueError: different tokenizers, a vocabulary mismatch, an adapter on either `lm_head`, a post-head
+            transform that cannot be reproduced, or invalid options; before any dataset preparation (the student's
+            head is checked again once PEFT has wrapped it).
         args ([`DistillationConfig`]): Training and distillation options.
         Other arguments are those of [`~trl.SFTTrainer`].
 
@@ -255,6 +281,9 @@ class DistillationTrainer(SFTTrainer):
             output_head(model, "student")
         output_head(teacher_model, "teacher")
         processing_class = self._check_tokenizers(model, teacher_model, teacher_dir, processing_class)
+        # Post-head logit transforms (registry data), verified against each model's own `.logits` on 4 tokens
+        self.teacher_logit_transforms = resolve_logit_transforms_checked(teacher_model, "teacher", check_backbone=True)
+        student_steps = resolve_logit_transforms_checked(model, "student") if isinstance(model, nn.Module) else None
         # Instance patches present now are the user's (e.g. `device_map` hooks); the ones trainers add are removed
         # when the models are handed back (see `train`)
         self._student_patches = instance_patches(model) if isinstance(model, nn.Module) else {}
@@ -282,9 +311,9 @@ class DistillationTrainer(SFTTrainer):
         strip_instance_patches(student, keep=self._student_patches)
         output_head(student, "student")  # after PEFT wrapping
         self.kd_vocab_size = self._resolve_vocab(student, teacher_model)
-        # Post-head logit transforms (registry data), verified against each model's own `.logits` on 4 tokens
-        self.student_logit_transforms = resolve_logit_transforms_checked(student, "student")
-        self.teacher_logit_transforms = resolve_logit_transforms_checked(teacher_model, "teacher", check_backbone=True)
+        if student_steps is None:  # the student was a path
+            student_steps = resolve_logit_transforms_checked(student, "student")
+        self.student_logit_transforms = student_steps
         if self.student_logit_transforms or self.teacher_logit_transforms:
             logger.info(
                 f"Post-head logit transforms: student {describe_transforms(self.student_logit_transforms)}, "
