@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from _distill_utils import VOCAB, make_dataset, make_teacher, make_tokenizer, prune_student
