@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .architectures import ArchitectureLayout, get_layout, register_layout, supported_model_types
+from .architectures import ArchitectureLayout, LogitTransform, get_layout, register_layout, supported_model_types
 from .config import MinitronPruneConfig
 from .data import load_default_corpus, load_text_file
 from .distillation import DistillationConfig, DistillationTrainer
@@ -17,6 +17,7 @@ __all__ = [
     "DistillationConfig",
     "DistillationTrainer",
     "ImportanceScores",
+    "LogitTransform",
     "MinitronPruneConfig",
     "PROVENANCE_NAME",
     "estimate_importance",

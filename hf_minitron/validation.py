@@ -7,6 +7,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .architectures import ArchitectureLayout, get_layout
+from .model_utils import check_no_adapters, strip_instance_patches
 
 
 logger = logging.get_logger(__name__)
@@ -15,15 +16,18 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_prunable_model(model: nn.Module) -> ArchitectureLayout:
-    """Validate ``model`` and return its layout; strip a dequantized GGUF's ``quantization_config``.
+    """Validate ``model`` and return its layout; strip a dequantized GGUF's ``quantization_config`` and instance-level
+    ``forward`` patches that point at another model (left by a trainer on the object ``model`` was copied from).
 
     Raises:
-        ValueError: unsupported architecture (or a module layout that does not match the registered one),
-            quantized weights, or weights on the meta device.
+        ValueError: a PEFT model or adapter layers (merge them first), unsupported architecture (or a module layout
+            that does not match the registered one), quantized weights, or weights on the meta device.
     """
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("Expected a Hugging Face `PreTrainedModel` (with a `.config`), got " f"{type(model).__name__}.")
+    check_no_adapters(model, "score or prune")
+    strip_instance_patches(model, foreign_only=True)
     layout = get_layout(model)
 
     quant = getattr(config, "quantization_config", None)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .logits import LogitTransform
+
 
 # How a norm layer applies its weight (``x_hat`` is the RMS- or mean/std-normalised input):
 #   "rms":                x_hat * w                 (Llama, Mistral, Qwen, Phi-3, OLMo2, Granite)
@@ -135,6 +137,10 @@ class ArchitectureLayout:
         default_factory=lambda: {"hidden_size": "hidden", "intermediate_size": "intermediate"}
     )
     layer_attributes: dict[str, str] = field(default_factory=lambda: {"hidden_size": "hidden"})
+    # Elementwise steps from the `lm_head` output to `.logits`, in order (see `architectures/logits.py`): e.g.
+    # Granite divides by `logits_scaling`, Gemma-2/3 soft-cap. Code that rebuilds logits from the head's weights
+    # (the fused distillation loss) applies them.
+    logit_transforms: tuple[LogitTransform, ...] = ()
 
     def __post_init__(self) -> None:
         if self.norm_kind not in NORM_KINDS:
@@ -153,6 +159,8 @@ class ArchitectureLayout:
         paths = [p for p in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm) if p]
         if len(set(paths)) != len(paths):
             raise ValueError(f"A norm can hold one role only; got the same path twice in {paths}.")
+        if not all(isinstance(t, LogitTransform) for t in self.logit_transforms):
+            raise ValueError(f"logit_transforms must be a tuple of LogitTransform, got {self.logit_transforms!r}.")
         for name in ("attention_attributes", "mlp_attributes", "layer_attributes"):
             bad = {k: v for k, v in getattr(self, name).items() if v not in SIZE_NAMES}
             if bad:
