@@ -45,7 +45,7 @@ from .logging import get_logger, progress_enabled
 from .pipeline import RESULTS_NAME, STATE_NAME, MinitronRecipeArguments, last_complete_checkpoint, load_model_and_tokenizer, load_model_folder, load_texts
 from .pruning import prune_model
 from .pruning.prune import write_model_folder
-from .stages import Stage, StageChangedError, StageContext
+from .stages import LazyValue, Stage, StageChangedError, StageContext
 from .validation import check_token_ids
 
 
@@ -273,7 +273,7 @@ class TeacherCorrectionStage(Stage):
     def load(self, ctx: RecipeContext, folder: str) -> dict[str, Any]:
         with open(os.path.join(folder, "teacher_correction.json"), encoding="utf-8") as f:
             info = json.load(f)
-        return {"teacher": ctx.load_model(folder), "teacher_correction": info}
+        return {"teacher": LazyValue(lambda: ctx.load_model(folder)), "teacher_correction": info}
 
     def summary(self, outputs) -> str:
         return f"teacher perplexity before {outputs['teacher_correction']['teacher_perplexity_before']:.2f}"
@@ -494,7 +494,7 @@ class DistillStage(Stage):
 
     def load(self, ctx: RecipeContext, folder: str) -> dict[str, Any]:
         with open(os.path.join(folder, "distill_log.json"), encoding="utf-8") as f:
-            return {"distilled": ctx.load_model(folder), "distill_log": json.load(f)}
+            return {"distilled": LazyValue(lambda: ctx.load_model(folder)), "distill_log": json.load(f)}
 
     def info(self, outputs) -> dict[str, Any]:
         return {"tokens": outputs["distill_log"]["tokens"], "train_loss": outputs["distill_log"]["train_loss"]}

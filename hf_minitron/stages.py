@@ -122,6 +122,18 @@ class Stage:
 
 
 # ---------------------------------------------------------------------------------------------- context
+class LazyValue:
+    """An output that :meth:`Stage.load` does not read until a stage uses it (e.g. a model beside a small JSON).
+
+    Example:
+        >>> def load(self, ctx, folder):  # doctest: +SKIP
+        ...     return {"teacher": LazyValue(lambda: load_model(folder)), "info": read_json(folder)}
+    """
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+
 class Artifacts:
     """Values passed between stages, keyed by ``(artifact, producing stage)``; loaded lazily on first access.
 
@@ -157,7 +169,10 @@ class Artifacts:
             loaded = self._loaders.pop(stage)()
             for n, value in loaded.items():
                 self._values.setdefault((n, stage), value)
-        return self._values[(name, stage)]
+        value = self._values[(name, stage)]
+        if isinstance(value, LazyValue):
+            value = self._values[(name, stage)] = value.fn()
+        return value
 
     __getitem__ = get
 
@@ -472,6 +487,7 @@ def stage_table(ctx: StageContext) -> str:
 
 __all__ = [
     "Artifacts",
+    "LazyValue",
     "PlannedStage",
     "RECORD_NAME",
     "RESUME_MODES",

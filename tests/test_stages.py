@@ -214,3 +214,34 @@ def test_pipeline_errors():
         run_stages([Source(), Source()], ToyContext(output_dir="/nonexistent"))
     with pytest.raises(ValueError, match="resume"):
         ToyContext(output_dir="/nonexistent", resume="sometimes")
+
+
+def test_lazy_values_of_a_reused_stage_load_only_when_read(tmp_path):
+    from hf_minitron.stages import LazyValue
+
+    class Heavy(_JsonStage):
+        name, inputs, outputs = "heavy", ("x",), ("model", "info")
+
+        def run(self, ctx, inputs):
+            return {"model": [0] * 3, "info": {"n": 3}}
+
+        def load(self, ctx, folder):
+            def model():
+                CALLS["model loaded"] += 1
+                return [0] * 3
+
+            return {"model": LazyValue(model), "info": {"n": 3}}
+
+    class UsesInfo(_JsonStage):
+        name, inputs, outputs = "uses_info", ("info",), ("n",)
+
+        def settings(self, ctx):
+            return {"offset": ctx.offset}
+
+        def run(self, ctx, inputs):
+            return {"n": inputs["info"]["n"] + ctx.offset}
+
+    run(tmp_path, stages=[Source(), Heavy(), UsesInfo()])
+    ctx = run(tmp_path, stages=[Source(), Heavy(), UsesInfo()], offset=1)
+    assert ctx.artifacts["n"] == 4 and CALLS["model loaded"] == 0
+    assert ctx.artifacts["model"] == [0, 0, 0] and CALLS["model loaded"] == 1
