@@ -552,7 +552,7 @@ class ExportStage(Stage):
 
     name, inputs, outputs = "export", ("pruned", "tokenizer", "importance", "results"), ("final_dir",)
     optional_inputs = ("distilled", "distill_log", "teacher_correction", "search_result")
-    main_process_only = True
+    main_process_only, replaces_foreign_folder, folder_setting = True, False, "--final_subdir"
 
     def folder(self, ctx: RecipeContext) -> str:
         return os.path.join(ctx.output_dir, ctx.args.final_subdir)

@@ -77,6 +77,9 @@ class Stage:
         cached: Save outputs to ``<output_dir>/<folder>`` and reuse them while the fingerprint matches.
         lazy: For non-cached stages: run only when a later stage reads an output (else run every time).
         main_process_only: Only the main process runs it; the others read the saved folder if needed.
+        replaces_foreign_folder: Whether a non-empty folder without a stage record (e.g. from an older version) may
+            be replaced; ``False`` for a folder the user names (the final model's), which is refused instead.
+        folder_setting: The option that names the folder, for error messages (e.g. ``"--final_subdir"``).
     """
 
     name: str = ""
@@ -88,6 +91,8 @@ class Stage:
     cached: bool = True
     lazy: bool = True
     main_process_only: bool = False
+    replaces_foreign_folder: bool = True
+    folder_setting: str = ""
 
     def enabled(self, ctx: "StageContext") -> bool:
         """Whether the stage is part of this run (e.g. teacher correction only with ``--teacher_correction``)."""
@@ -334,6 +339,11 @@ def plan_stages(stages: Sequence[Stage], ctx: StageContext) -> list[PlannedStage
         item = PlannedStage(stage, fp, settings, lineage, input_fps, sources, action="lazy" if stage.lazy else "always")
         if stage.cached:
             record = read_record(stage.folder(ctx))
+            if record == {} and not stage.replaces_foreign_folder and os.listdir(stage.folder(ctx)):
+                raise ValueError(
+                    f"{stage.folder(ctx)} exists and was not written by stage {stage.name!r}: it would be replaced. "
+                    f"Move it away or choose another {stage.folder_setting or 'folder for this stage'}."
+                )
             if record is None:
                 item.action, item.reason = "run", "not run yet"
             elif ctx.resume == "never":

@@ -358,6 +358,13 @@ def _(env):
     env.recipe("--final_subdir", "")
 
 
+@trigger("cli-final-subdir-not-ours")
+def _(env):
+    os.makedirs(env.path("out", "mine"))
+    env.write("out/mine/notes.txt", "keep me")
+    env.recipe("--final_subdir", "mine")
+
+
 @trigger("cli-resume-unknown")
 def _(env):
     env.recipe("--resume", "sometimes")

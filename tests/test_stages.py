@@ -207,6 +207,17 @@ def test_folder_without_record_is_recomputed_or_refused(tmp_path):
     assert ctx.artifacts["z"] == [7]
 
 
+def test_a_foreign_folder_is_not_replaced_when_the_stage_says_so(tmp_path):
+    class Export(Add):
+        replaces_foreign_folder = False
+
+    (tmp_path / "add").mkdir()
+    (tmp_path / "add" / "my-notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and was not written by stage 'add': it would be replaced"):
+        run(tmp_path, stages=[Source(), Double(), Export()])
+    assert (tmp_path / "add" / "my-notes.txt").read_text() == "keep me"
+
+
 def test_pipeline_errors():
     with pytest.raises(ValueError, match=r"Stage 'add' reads \['y'\], which no earlier enabled stage produces"):
         run_stages([Source(), Add()], ToyContext(output_dir="/nonexistent"))
