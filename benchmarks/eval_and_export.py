@@ -99,10 +99,11 @@ def main() -> None:
     for row in results["rows"]:
         print(f"| {row['model']} | {row['perplexity_seconds']:.1f} | {row['cloze_seconds']:.1f} |"
               + (f" {row['wikitext_cloze_seconds']:.1f} |" if wiki is not None else ""))
-    print("\n| GGUF | size MB | convert s | max abs dlogit | max abs logit | top-1 agreement | tokenizer same |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("\n| GGUF | size MB | tensors | convert s | max abs dlogit | max abs logit | top-1 agreement | tokenizer same |")
+    print("|---|---:|---|---:|---:|---:|---:|---|")
     for g in results["gguf"]:
-        print(f"| {g['outtype']} | {g['size_bytes'] / 2**20:.1f} | {g['seconds']:.1f} | {g['max_abs_dlogit']:.4g} | "
+        types = ", ".join(f"{k} ×{v}" for k, v in (g["tensor_types"] or {}).items())
+        print(f"| {g['outtype']} | {g['size_bytes'] / 2**20:.1f} | {types} | {g['seconds']:.1f} | {g['max_abs_dlogit']:.4g} | "
               f"{g['max_abs_logit']:.2f} | {100 * g['top1_agreement']:.1f}% | {g['tokenizer_matches']} |")
     print("\n" + ", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
 

@@ -82,7 +82,7 @@ def _size(num_bytes: int) -> str:
 
 
 def render_gguf_files(exports: Sequence[Any], title: str = "## GGUF files (llama.cpp, Ollama)") -> str:
-    """A table of exported GGUF files: name, type, size and the round-trip check against the safetensors weights.
+    """A table of exported GGUF files: name, type, size, tensors per type, and the round-trip check.
 
     ``exports`` holds :class:`~hf_minitron.gguf_export.GGUFExport` objects or their ``to_dict()``. Returns ``""``
     when there is none.
@@ -90,13 +90,13 @@ def render_gguf_files(exports: Sequence[Any], title: str = "## GGUF files (llama
     Example:
         >>> print(render_gguf_files([{"path": "/o/m-f32.gguf", "outtype": "f32", "size_bytes": 2048,
         ...                           "max_abs_dlogit": 0.0, "max_abs_logit": 20.0}], title=""))
-        | file | type | size | round trip (transformers `gguf_file=`) |
-        |---|---|---:|---|
-        | m-f32.gguf | f32 | 2.0 KB | max \\|Δlogit\\| 0 (largest \\|logit\\| 20.0) |
+        | file | type | size | tensors | round trip (transformers `gguf_file=`) |
+        |---|---|---:|---|---|
+        | m-f32.gguf | f32 | 2.0 KB |  | max \\|Δlogit\\| 0 (largest \\|logit\\| 20.0) |
     """
     if not exports:
         return ""
-    lines = ["| file | type | size | round trip (transformers `gguf_file=`) |", "|---|---|---:|---|"]
+    lines = ["| file | type | size | tensors | round trip (transformers `gguf_file=`) |", "|---|---|---:|---|---|"]
     for item in exports:
         e = _as_dict(item)
         name = e.get("file") or e["path"].replace("\\", "/").rsplit("/", 1)[-1]
@@ -108,7 +108,8 @@ def render_gguf_files(exports: Sequence[Any], title: str = "## GGUF files (llama
                 check += f", same top-1 token at {100 * e['top1_agreement']:.1f}% of positions"
             if e.get("tokenizer_matches") is False:
                 check += "; tokenizer differs"
-        lines.append(f"| {name} | {e['outtype']} | {_size(int(e['size_bytes']))} | {check} |")
+        types = ", ".join(f"{k} ×{v}" for k, v in (e.get("tensor_types") or {}).items())
+        lines.append(f"| {name} | {e['outtype']} | {_size(int(e['size_bytes']))} | {types} | {check} |")
     body = "\n".join(lines)
     return f"{title}\n\n{body}" if title else body
 

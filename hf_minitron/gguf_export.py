@@ -44,7 +44,12 @@ _PROBE_TEXT = (
 
 @dataclass
 class GGUFExport:
-    """One exported GGUF file; ``max_abs_dlogit`` / ``max_abs_logit`` are set when the round trip was checked."""
+    """One exported GGUF file.
+
+    ``tensor_types`` counts the file's tensors per GGUF type (``{"Q8_0": 60, "F16": 151, "F32": 61}``; read with the
+    ``gguf`` package, ``None`` without it). ``max_abs_dlogit``, ``max_abs_logit``, ``top1_agreement`` and
+    ``tokenizer_matches`` are set when the round trip was checked (:func:`gguf_round_trip`).
+    """
 
     path: str
     outtype: str
@@ -55,6 +60,7 @@ class GGUFExport:
     max_abs_logit: float | None = None
     top1_agreement: float | None = None
     tokenizer_matches: bool | None = None
+    tensor_types: dict[str, int] | None = None
 
     @property
     def within_tolerance(self) -> bool | None:
@@ -167,6 +173,20 @@ def gguf_converter_python(env_dir: str | os.PathLike | None = None, install: boo
     return python
 
 
+def _tensor_types(path: str) -> dict[str, int] | None:
+    """Tensors per GGUF type, from the file's header (``None`` when the ``gguf`` package is not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        return None
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(path).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _check_model_dir(model_dir: str) -> None:
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"{model_dir!r} is not a saved model folder (no config.json); save it with `save_pruned_model`.")
@@ -252,7 +272,16 @@ def export_gguf(
         size_bytes=os.path.getsize(outfile),
         seconds=time.perf_counter() - start,
         converter=GGUF_CONVERTER_REQUIREMENT if converter_python is None else python,
+        tensor_types=_tensor_types(outfile),
     )
+    if outtype == "q8_0" and export.tensor_types and set(export.tensor_types) - {"Q8_0", "F32"}:
+        # llama.cpp quantizes a matrix only when its row length is a multiple of the 32-weight block; the others
+        # stay 16-bit (e.g. every matrix reading a hidden_size of 432).
+        logger.warning(
+            f"{outfile}: only {export.tensor_types.get('Q8_0', 0)} tensors are Q8_0 ({export.tensor_types}); llama.cpp "
+            "keeps matrices whose input size is not a multiple of 32 in 16 bits. Pick hidden / MLP / head sizes that "
+            "are multiples of 32 (256 for k-quants) for a fully quantized file."
+        )
     if verify:
         check = gguf_round_trip(model_dir, outfile)
         for key, value in check.items():

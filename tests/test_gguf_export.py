@@ -95,6 +95,7 @@ def test_cli_export_f32_round_trip_is_exact(converter_python, pruned_smollm2_sha
     assert report["path"] == outfile and os.path.getsize(outfile) == report["size_bytes"]
     assert report["max_abs_dlogit"] == 0.0 and report["tokenizer_matches"] is True and report["within_tolerance"] is True
     assert report["max_abs_logit"] > 0 and report["top1_agreement"] == 1.0
+    assert report["tensor_types"] == {"F32": 20}  # 2 layers x 9 tensors + embeddings + final norm (lm_head tied)
     assert sorted(os.listdir(tmp_path)) == ["pruned-f32.gguf"]  # no temporary file left
     with pytest.raises(ValueError, match="overwrite"):
         main(["export-gguf", pruned_smollm2_shaped, "--outtype", "f32", "--outfile", outfile])
@@ -109,3 +110,6 @@ def test_export_q8_0_within_tolerance(converter_python, pruned_smollm2_shaped, t
     assert export.tokenizer_matches is True
     assert 0 < export.max_abs_dlogit <= GGUF_LOGIT_RTOL[outtype] * max(export.max_abs_logit, 1.0)
     assert export.within_tolerance is True
+    # llama.cpp quantizes only matrices whose rows are a multiple of 32: o_proj (reads 4 heads x 16) and down_proj
+    # (reads 96) per layer; everything reading the pruned hidden size 48 stays F16; norms stay F32.
+    assert export.tensor_types == {"F16": 11, "F32": 5, "Q8_0": 4}

@@ -183,11 +183,12 @@ def test_card_sections():
     assert render_task_table({}) == "" and render_gguf_files([]) == ""
 
     files = render_gguf_files([{"path": "/x/m-q8_0.gguf", "outtype": "q8_0", "size_bytes": 3 * 1024**2, "max_abs_dlogit": 0.0123,
-                                "max_abs_logit": 21.0, "top1_agreement": 0.99, "tokenizer_matches": True},
+                                "max_abs_logit": 21.0, "top1_agreement": 0.99, "tokenizer_matches": True,
+                                "tensor_types": {"F16": 151, "F32": 61, "Q8_0": 60}},
                                {"path": "/x/m-f16.gguf", "outtype": "f16", "size_bytes": 5 * 1024**2}])
-    assert ("| m-q8_0.gguf | q8_0 | 3.0 MB | max \\|Δlogit\\| 0.0123 (largest \\|logit\\| 21.0), same top-1 token at 99.0% "
+    assert ("| m-q8_0.gguf | q8_0 | 3.0 MB | F16 ×151, F32 ×61, Q8_0 ×60 | max \\|Δlogit\\| 0.0123 (largest \\|logit\\| 21.0), same top-1 token at 99.0% "
             "of positions |") in files
-    assert "| m-f16.gguf | f16 | 5.0 MB | not checked |" in files
+    assert "| m-f16.gguf | f16 | 5.0 MB |  | not checked |" in files
 
     block = render_how_to_run("me/small", "small-q8_0.gguf", tested={"transformers": "reloaded and evaluated"})
     assert "**transformers** *Tested: reloaded and evaluated.*" in block
