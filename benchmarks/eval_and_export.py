@@ -99,7 +99,7 @@ def main() -> None:
     for row in results["rows"]:
         print(f"| {row['model']} | {row['perplexity_seconds']:.1f} | {row['cloze_seconds']:.1f} |"
               + (f" {row['wikitext_cloze_seconds']:.1f} |" if wiki is not None else ""))
-    print("\n| GGUF | size MB | tensors | convert s | max abs dlogit | max abs logit | top-1 agreement | tokenizer same |")
+    print("\n| GGUF | size MiB | tensors | convert s | max abs dlogit | max abs logit | top-1 agreement | tokenizer same |")
     print("|---|---:|---|---:|---:|---:|---:|---|")
     for g in results["gguf"]:
         types = ", ".join(f"{k} ×{v}" for k, v in (g["tensor_types"] or {}).items())

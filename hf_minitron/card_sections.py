@@ -74,8 +74,8 @@ def render_task_table(evaluations: Mapping[str, Any], title: str = "## Task accu
 
 
 def _size(num_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
             return f"{num_bytes:,.0f} {unit}" if unit == "B" else f"{num_bytes:,.1f} {unit}"
         num_bytes /= 1024
     return ""  # pragma: no cover
@@ -92,7 +92,7 @@ def render_gguf_files(exports: Sequence[Any], title: str = "## GGUF files (llama
         ...                           "max_abs_dlogit": 0.0, "max_abs_logit": 20.0}], title=""))
         | file | type | size | tensors | round trip (transformers `gguf_file=`) |
         |---|---|---:|---|---|
-        | m-f32.gguf | f32 | 2.0 KB |  | max \\|Δlogit\\| 0 (largest \\|logit\\| 20.0) |
+        | m-f32.gguf | f32 | 2.0 KiB |  | max \\|Δlogit\\| 0 (largest \\|logit\\| 20.0) |
     """
     if not exports:
         return ""

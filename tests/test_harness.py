@@ -186,9 +186,9 @@ def test_card_sections():
                                 "max_abs_logit": 21.0, "top1_agreement": 0.99, "tokenizer_matches": True,
                                 "tensor_types": {"F16": 151, "F32": 61, "Q8_0": 60}},
                                {"path": "/x/m-f16.gguf", "outtype": "f16", "size_bytes": 5 * 1024**2}])
-    assert ("| m-q8_0.gguf | q8_0 | 3.0 MB | F16 ×151, F32 ×61, Q8_0 ×60 | max \\|Δlogit\\| 0.0123 (largest \\|logit\\| 21.0), same top-1 token at 99.0% "
+    assert ("| m-q8_0.gguf | q8_0 | 3.0 MiB | F16 ×151, F32 ×61, Q8_0 ×60 | max \\|Δlogit\\| 0.0123 (largest \\|logit\\| 21.0), same top-1 token at 99.0% "
             "of positions |") in files
-    assert "| m-f16.gguf | f16 | 5.0 MB |  | not checked |" in files
+    assert "| m-f16.gguf | f16 | 5.0 MiB |  | not checked |" in files
 
     block = render_how_to_run("me/small", "small-q8_0.gguf", tested={"transformers": "reloaded and evaluated"})
     assert "**transformers** *Tested: reloaded and evaluated.*" in block
