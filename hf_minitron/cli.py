@@ -5,7 +5,8 @@
     hf-minitron prune --importance scores.safetensors --hidden_size 432 --output_dir pruned
     hf-minitron distill --student pruned --output_dir distilled --max_steps 100
     hf-minitron search --target_params 0.6 --max_candidates 6 --output_dir search
-    hf-minitron evaluate --model_name_or_path distilled
+    hf-minitron evaluate --model_name_or_path distilled [--tasks minitron_cloze]   # lm-eval tasks: extra [eval]
+    hf-minitron export-gguf distilled --outtype f16 --outfile distilled-f16.gguf  # llama.cpp's converter
     hf-minitron correct-teacher --output_dir teacher-corrected --max_steps 50 --original_learning_rate 1e-4
 
 Omitting `--model_name_or_path` uses the embedded SmolLM2-135M-Instruct; omitting `--dataset_path` uses the
@@ -19,6 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .eval_export_cli import run_evaluate, run_export_gguf
 from .pipeline import ModelDataArguments
 
 
@@ -292,8 +294,9 @@ COMMANDS = {
     "prune": _prune,
     "distill": _distill,
     "search": _search,
-    "evaluate": _evaluate,
+    "evaluate": run_evaluate,
     "correct-teacher": _correct_teacher,
+    "export-gguf": run_export_gguf,
 }
 
 
