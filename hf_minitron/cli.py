@@ -224,23 +224,6 @@ def _distill(argv: list[str]) -> None:
     run_on_main_process(save_pruned_model, student, os.path.join(training_args.output_dir, "final"), tokenizer=tokenizer, overwrite=True)
 
 
-def _evaluate(argv: list[str]) -> None:
-    from .data import pack_texts
-    from .evaluation import perplexity
-
-    data, remote = _parse((CommandDataArguments, RemoteCodeArguments), argv)
-    state = _setup()
-    if not state.is_main_process:  # nothing to share: one process evaluates
-        state.wait_for_everyone()
-        return
-    model, tokenizer, _, held_out = _texts_and_model(data, remote.trust_remote_code)
-    blocks = pack_texts(held_out, tokenizer, data.seq_length, data.max_samples)
-    ppl = perplexity(model, blocks, seq_length=data.seq_length)
-    print(json.dumps({"model": data.model_name_or_path or "embedded SmolLM2-135M-Instruct", "held_out_samples": len(blocks),
-                      "seq_length": data.seq_length, "perplexity": ppl}, indent=2))
-    state.wait_for_everyone()
-
-
 def _correct_teacher(argv: list[str]) -> None:
     from datasets import Dataset
 

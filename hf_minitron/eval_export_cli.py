@@ -10,17 +10,17 @@ Each ``run_*`` takes the argument list after the subcommand and returns what it 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
+from .atomic import atomic_write_json
 from .gguf_export import GGUF_OUTTYPES
 
 
 @dataclass
 class EvaluateArguments:
-    """Options of `hf-minitron evaluate` besides the model/data ones (``ModelDataArguments``)."""
+    """Options of `hf-minitron evaluate` besides the model/data ones (``CommandDataArguments``: ``max_samples`` caps the
+    held-out perplexity windows)."""
 
-    max_samples: int | None = field(default=None, metadata={"help": "Cap on held-out perplexity samples."})
     tasks: str | None = field(
         default=None,
         metadata={"help": "Comma-separated lm-eval tasks, e.g. `minitron_cloze` (offline, built from the held-out "
@@ -45,28 +45,23 @@ class ExportGGUFArguments:
     verify: bool = field(default=False, metadata={"help": "Load the file back with transformers and report max |Δlogit|."})
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def run_evaluate(argv: list[str]) -> dict:
     """`hf-minitron evaluate`: held-out perplexity, plus lm-eval task results with ``--tasks``."""
-    from .cli import _parse
+    from .cli import CommandDataArguments, RemoteCodeArguments, _parse, _setup, _texts_and_model
     from .data import pack_texts
     from .evaluation import perplexity
-    from .pipeline import ModelDataArguments, load_model_and_tokenizer, load_texts
 
-    data, args = _parse((ModelDataArguments, EvaluateArguments), argv)
+    data, remote, args = _parse((CommandDataArguments, RemoteCodeArguments, EvaluateArguments), argv)
     if args.tasks is not None:
         from .harness import _require_lm_eval
 
         _require_lm_eval()  # before the model loads
-    model, tokenizer = load_model_and_tokenizer(data.model_name_or_path, data.gguf_file, data.model_dtype)
-    _, held_out = load_texts(data.dataset_path, data.eval_dataset_path, data.eval_fraction)
-    blocks = pack_texts(held_out, tokenizer, data.seq_length, args.max_samples)
+    state = _setup()
+    if not state.is_main_process:  # nothing to share: one process evaluates
+        state.wait_for_everyone()
+        return {}
+    model, tokenizer, _, held_out = _texts_and_model(data, remote.trust_remote_code)
+    blocks = pack_texts(held_out, tokenizer, data.seq_length, data.max_samples)
     output = {
         "model": data.model_name_or_path or "embedded SmolLM2-135M-Instruct",
         "held_out_samples": len(blocks),
@@ -84,13 +79,14 @@ def run_evaluate(argv: list[str]) -> dict:
         output["tasks"] = evaluation.to_dict()
     print(json.dumps(output, indent=2, default=str))
     if args.output_json:
-        _write_json(args.output_json, output)
+        atomic_write_json(args.output_json, output)
+    state.wait_for_everyone()
     return output
 
 
 def run_export_gguf(argv: list[str]) -> dict:
     """`hf-minitron export-gguf MODEL_DIR --outtype f16 --outfile PATH [--verify]`."""
-    from .cli import _parse
+    from .cli import _parse, _setup
     from .gguf_export import export_gguf
 
     if argv and not argv[0].startswith("-"):
@@ -98,9 +94,12 @@ def run_export_gguf(argv: list[str]) -> dict:
     (args,) = _parse((ExportGGUFArguments,), argv)
     if not args.model_dir:
         raise ValueError("Give the model folder: `hf-minitron export-gguf MODEL_DIR --outtype f16 --outfile PATH`.")
-    export = export_gguf(args.model_dir, args.outfile, args.outtype, overwrite=args.overwrite, verify=args.verify)
-    output = export.to_dict()
-    print(json.dumps(output, indent=2, default=str))
+    state = _setup()
+    output = {}
+    if state.is_main_process:  # one process converts; the others wait for the file
+        output = export_gguf(args.model_dir, args.outfile, args.outtype, overwrite=args.overwrite, verify=args.verify).to_dict()
+        print(json.dumps(output, indent=2, default=str))
+    state.wait_for_everyone()
     return output
 
 
