@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--depth_calib_samples", type=int, default=16, help="samples for per-layer perplexity")
     parser.add_argument("--eval_seq_length", type=int, default=512)
     parser.add_argument("--eval_samples", type=int, default=None, help="cap on held-out windows (default: all)")
+    parser.add_argument("--grid_eval_samples", type=int, default=None,
+                        help="evaluate the sources x corrections grid on the first N held-out windows only (default: all)")
     parser.add_argument("--eval_batch_size", type=int, default=2)
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: bos,grid,combined,depth,heads")
     parser.add_argument("--output_json", default=None, help="rows (and the importance scores beside) are saved here and reused on rerun")
@@ -147,10 +149,18 @@ def main() -> None:
         return lambda: prune_model(copy.deepcopy(model), MinitronPruneConfig(**settings), importance=scores_)
 
     if "grid" not in skip:
+        grid_data, suffix = held_out, ""
+        if args.grid_eval_samples is not None and args.grid_eval_samples < len(held_out):
+            grid_data, suffix = held_out[: args.grid_eval_samples], f" | first {args.grid_eval_samples} windows"
+            row(f"teacher{suffix}", lambda: model, data=grid_data)
         for source in HIDDEN_IMPORTANCE_SOURCES:
             for correction in NORM_CORRECTIONS:
-                row(f"hidden {hidden_only['hidden_size']} | {source} | {correction}",
-                    pruned(scores, **hidden_only, hidden_importance_source=source, rescale_norms=correction))
+                row(f"hidden {hidden_only['hidden_size']} | {source} | {correction}{suffix}",
+                    pruned(scores, **hidden_only, hidden_importance_source=source, rescale_norms=correction), data=grid_data)
+        if suffix:  # the defaults on every window too
+            row(f"hidden {hidden_only['hidden_size']} | matmul_inputs | calibrated", pruned(scores, **hidden_only))
+            row(f"hidden {hidden_only['hidden_size']} | all_norms | sqrt",
+                pruned(scores, **hidden_only, hidden_importance_source="all_norms", rescale_norms="sqrt"))
 
     if "combined" not in skip:
         label = "/".join(str(v) for v in combined.values())
