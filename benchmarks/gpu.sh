@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark at Llama-3.1-8B scale: importance, prune to 4B-Width, a few distillation steps.
+# One-shot GPU benchmark at Llama-3.1-8B scale: KD loss vs TRL's chunked kernel, importance, prune to 4B-Width, a few
+# distillation steps.
 # Random weights and tokens, fully offline. Writes $OUT/gpu_llama8b.json and $OUT/log.txt (OUT defaults to runs/gpu).
 #
 #   bash benchmarks/gpu.sh                 # the H200 run (<= 8 min wall, guarded by `timeout`)

@@ -11,6 +11,11 @@ they can:
 4. distill : a few ``DistillationTrainer`` steps (teacher = the 8B, student = the 4B, forward KL, bf16, activation
              checkpointing, fused AdamW), once per ``--hidden_state_loss`` variant (default ``none,cosine``).
 
+Step 0 (``kd_loss``, before the build) times the logit loss alone at the same head shapes (N = distill batch x
+sequence tokens, V = 128,256, H 3072 student / 4096 teacher, bf16 weights, forward KL, forward + backward): ours
+(``fused_linear_kd_loss``) against TRL 1.16's ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (Triton on
+CUDA), side by side: median time, peak allocated memory above the inputs, and loss / gradient agreement.
+
 Random weights and tokens measure speed and memory only. Results go to ``<out>/gpu_llama8b.json`` (rewritten after
 every step, so a hard kill keeps what finished). ``--tiny`` runs the same code on a tiny shape (CPU allowed) as a
 smoke test. Usually started by ``benchmarks/gpu.sh``, which also tees the log to ``<out>/log.txt``.
@@ -194,6 +199,10 @@ def main() -> int:
     p.add_argument("--distill_limit_s", type=float, default=110.0, help="per variant")
     p.add_argument("--target_importance_s", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kd_bench_tokens", type=int, default=None, help="N of the KD-loss step (default batch x seq)")
+    p.add_argument("--kd_bench_repeats", type=int, default=3, help="timed runs per method after a warm-up")
+    p.add_argument("--kd_bench_limit_s", type=float, default=60.0, help="time limit of the KD-loss step")
+    p.add_argument("--skip_kd_bench", action="store_true", help="skip step 0 (ours vs TRL's chunked kernel)")
     p.add_argument("--plan_only", action="store_true", help="print the memory plan and exit (no GPU needed)")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
     args = p.parse_args()
@@ -286,6 +295,60 @@ def main() -> int:
         return 0
 
     torch.manual_seed(args.seed)
+
+    # ---- 0. the KD loss alone: ours vs TRL's chunked divergence kernel, same inputs, same process
+    def kd_bench():
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        from hf_minitron.distillation import fused_linear_kd_loss
+
+        n = args.kd_bench_tokens or args.distill_batch_size * args.seq_length
+        V, hs, ht = shape["vocab_size"], target["hidden_size"], shape["hidden_size"]
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        h_s = torch.randn(n, hs, device=device, dtype=dtype, generator=gen).requires_grad_()
+        w_s = (torch.randn(V, hs, device=device, dtype=dtype, generator=gen) * hs**-0.5).requires_grad_()
+        h_t = torch.randn(n, ht, device=device, dtype=dtype, generator=gen)
+        w_t = torch.randn(V, ht, device=device, dtype=dtype, generator=gen) * 2 * ht**-0.5
+
+        def ours():
+            return fused_linear_kd_loss(h_s, w_s, h_t, w_t, chunk_size=args.kd_chunk_size)
+
+        def trl_kernel():
+            per_token, _ = ChunkedDivergenceFunction.apply(h_s, w_s, None, h_t, w_t, None, 0.0, 1.0)
+            return per_token.mean()
+
+        out = {"tokens": n, "vocab": V, "student_hidden": hs, "teacher_hidden": ht, "dtype": str(dtype),
+               "kd_chunk_size": args.kd_chunk_size}
+        grads = {}
+        for name, fn in (("ours", ours), ("trl", trl_kernel)):
+            h_s.grad = w_s.grad = None
+            fn().backward()  # warm-up (Triton compilation, allocator)
+            times = []
+            for _ in range(args.kd_bench_repeats):
+                h_s.grad = w_s.grad = None
+                sync()
+                reset_peak()
+                base = torch.cuda.memory_allocated(device) if cuda else 0
+                t = time.perf_counter()
+                loss = fn()
+                loss.backward()
+                sync()
+                times.append(time.perf_counter() - t)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / GB if cuda else None
+            grads[name] = (loss.detach().float(), h_s.grad.float(), w_s.grad.float())
+            out[name] = {"loss": float(loss), "s_median": statistics.median(times), "times": times, "extra_peak_gb": peak}
+            log(f"kd_loss[{name}]: {statistics.median(times) * 1e3:.1f} ms fwd+bwd, extra peak {gb(peak)}, loss {float(loss):.6f}")
+        tol = dict(rtol=2e-2, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
+        out["grads_match"] = all(torch.allclose(a, b, **tol) for a, b in zip(grads["ours"], grads["trl"]))
+        out["time_ours_over_trl"] = out["ours"]["s_median"] / out["trl"]["s_median"]
+        if cuda:
+            out["memory_ours_over_trl"] = out["ours"]["extra_peak_gb"] / out["trl"]["extra_peak_gb"]
+        log(f"kd_loss: ours / TRL kernel time {out['time_ours_over_trl']:.3f}x"
+            + (f", memory {out['memory_ours_over_trl']:.3f}x" if cuda else "") + f", grads match: {out['grads_match']}")
+        results.set("kd_loss", out)  # the inputs are freed when this returns (run_step collects garbage)
+
+    if not args.skip_kd_bench:
+        run_step("kd_loss", args.kd_bench_limit_s, deadline, results, kd_bench)
 
     # ---- 1. build
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -539,6 +602,11 @@ def main() -> int:
 def summary(results: Results) -> None:
     s = results.data["steps"]
     log("== summary")
+    if "kd_loss" in s:
+        k = s["kd_loss"]
+        mem = f", memory {k['memory_ours_over_trl']:.3f}x" if "memory_ours_over_trl" in k else ""
+        print(f"  kd_loss    : ours {k['ours']['s_median'] * 1e3:.1f} ms, TRL kernel {k['trl']['s_median'] * 1e3:.1f} ms "
+              f"(ours / TRL: time {k['time_ours_over_trl']:.3f}x{mem}), grads match {k['grads_match']}", flush=True)
     if "build" in s:
         b = s["build"]
         print(f"  build      : {b['params_b']:.3f} B params in {b['seconds']:.1f} s", flush=True)

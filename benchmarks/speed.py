@@ -3,9 +3,11 @@
 1. Importance-pass overhead: the importance pass (all hooks) vs a decoder-body forward vs a full forward with
    logits, on the same batches, interleaved repeats, median (reuses `bench_importance.py`). Targets:
    importance / body <= 1.05, importance / full <= 0.85. Also the accumulators' memory.
-2. KD-loss peak memory and time: `fused_linear_kd_loss` vs naive full-logits KL vs TRL `GKDTrainer`'s
-   `generalized_jsd_loss(beta=0)`, each in a fresh subprocess (reuses `bench_kd_loss.py`; extra peak RSS), ours also at half the chunk.
-   Targets: ours / GKD <= 0.10x peak memory, <= 0.5x time.
+2. KD-loss peak memory and time: `fused_linear_kd_loss` vs TRL 1.16's chunked kernel
+   (`trl.kernels.chunked_divergence.ChunkedDivergenceFunction`, its PyTorch path on CPU) vs naive full-logits KL vs
+   TRL `GKDTrainer`'s `generalized_jsd_loss(beta=0)`, each in a fresh subprocess (reuses `bench_kd_loss.py`; extra
+   peak RSS), ours also at half the chunk. Targets: ours / GKD <= 0.10x peak memory, <= 0.5x time; ours / TRL's
+   kernel <= 1.0x memory and time (the kernel we would otherwise use).
 3. Forward throughput (tokens/s, fp32, `torch.inference_mode`, full forward with logits, interleaved repeats,
    median) of the original model vs the width target (hidden 432 / MLP 1024) and the depth target
    (30 -> 20 layers) at batch 1 and batch 8; measured speed-up vs the ideal ratio of forward FLOPs per token
@@ -133,7 +135,7 @@ def part_kd(s: Settings) -> dict[str, Any]:
 def _kd_in(a: argparse.Namespace, s: Settings, tmp: str) -> dict[str, Any]:
     """Run ours / naive / gkd, each in a fresh `bench_kd_loss.py` worker writing under ``tmp``; print the ratios."""
     res: dict[str, Any] = {}
-    for m in ("ours", "naive", "gkd"):
+    for m in ("ours", "trl", "naive", "gkd"):
         res[m] = bench_kd_loss._spawn("loss", m, a, os.path.join(tmp, f"{m}.pt"))  # fresh process per method
     # The chunk size is the memory knob (`kd_chunk_size`): peak ~ 3 [chunk, V] fp32 buffers + the lm_head gradient
     half = argparse.Namespace(**{**vars(a), "chunk": max(1, s.kd_chunk // 2)})
@@ -163,6 +165,11 @@ def _kd_in(a: argparse.Namespace, s: Settings, tmp: str) -> dict[str, Any]:
             res["time_ours_half_chunk_over_gkd"] = res["ours_half_chunk"]["time_s"] / res["gkd"]["time_s"]
             print(f"ours (chunk {half.chunk}) / gkd: peak memory {res['memory_ours_half_chunk_over_gkd']:.3f}x, "
                   f"time {res['time_ours_half_chunk_over_gkd']:.3f}x")
+    if "error" not in res["ours"] and "error" not in res["trl"]:
+        res["memory_ours_over_trl"] = res["ours"]["peak_bytes"] / res["trl"]["peak_bytes"]
+        res["time_ours_over_trl"] = res["ours"]["time_s"] / res["trl"]["time_s"]
+        print(f"ours / TRL chunked kernel: peak memory {res['memory_ours_over_trl']:.3f}x, "
+              f"time {res['time_ours_over_trl']:.3f}x (targets <= 1.0x)")
     if "error" not in res["ours"] and "error" not in res["naive"]:
         res["memory_ours_over_naive"] = res["ours"]["peak_bytes"] / res["naive"]["peak_bytes"]
         res["time_ours_over_naive"] = res["ours"]["time_s"] / res["naive"]["time_s"]
@@ -264,6 +271,11 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
                          kd["memory_ours_half_chunk_over_gkd"] <= 0.10))
             rows.append((f"KD loss time, ours (chunk {half}) / GKD", kd["time_ours_half_chunk_over_gkd"], "<= 0.50",
                          kd["time_ours_half_chunk_over_gkd"] <= 0.5))
+    if kd is not None and "memory_ours_over_trl" in kd:
+        rows.append(("KD loss peak memory, ours / TRL chunked kernel", kd["memory_ours_over_trl"], "<= 1.00",
+                     kd["memory_ours_over_trl"] <= 1.0))
+        rows.append(("KD loss time, ours / TRL chunked kernel", kd["time_ours_over_trl"], "<= 1.00",
+                     kd["time_ours_over_trl"] <= 1.0))
     tp = results["throughput"]
     for batch, speedups in tp["speedup"].items():
         for name, measured in speedups.items():

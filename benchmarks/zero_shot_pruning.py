@@ -26,6 +26,8 @@ import copy
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -55,6 +57,31 @@ def _save(path: str | None, state: dict) -> None:
     os.replace(tmp, path)
 
 
+class _SharedCPU:
+    """An exclusive ``fcntl`` lock on ``path``, held for runs of rows of about ``hold`` seconds, then released so other
+    jobs that use the same lock get the machine between them (no-op without a path)."""
+
+    def __init__(self, path: str | None, hold: float) -> None:
+        self.path, self.hold = path, hold
+        self.handle = None
+        self.since = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.path and self.handle is None:
+            import fcntl
+
+            self.handle = open(self.path, "a")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+            self.since = time.monotonic()
+        try:
+            yield
+        finally:
+            if self.handle is not None and time.monotonic() - self.since > self.hold:
+                self.handle.close()  # closing releases the lock
+                self.handle = None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(EMBEDDED_MODELS), default="smollm2-135m")
@@ -64,9 +91,14 @@ def main() -> None:
     parser.add_argument("--depth_calib_samples", type=int, default=16, help="samples for per-layer perplexity")
     parser.add_argument("--eval_seq_length", type=int, default=512)
     parser.add_argument("--eval_samples", type=int, default=None, help="cap on held-out windows (default: all)")
+    parser.add_argument("--grid_eval_samples", type=int, default=None,
+                        help="evaluate the sources x corrections grid on the first N held-out windows only (default: all)")
     parser.add_argument("--eval_batch_size", type=int, default=2)
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: bos,grid,combined,depth,heads")
-    parser.add_argument("--output_json", default=None, help="rows are saved here and skipped on rerun")
+    parser.add_argument("--output_json", default=None, help="rows (and the importance scores beside) are saved here and reused on rerun")
+    parser.add_argument("--lock_file", default=None, help="hold this file's lock (fcntl) while working: on a shared machine, "
+                        "other jobs that use the same lock get the CPU between runs of rows")
+    parser.add_argument("--lock_hold", type=float, default=900.0, help="seconds of rows per lock acquisition")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     skip = set(filter(None, args.skip.split(",")))
@@ -77,6 +109,7 @@ def main() -> None:
     if args.output_json and os.path.isfile(args.output_json):
         with open(args.output_json, encoding="utf-8") as f:
             state["rows"] = json.load(f).get("rows", {})
+    locked = _SharedCPU(args.lock_file, args.lock_hold)
     model, tok = EMBEDDED_MODELS[args.model]()
     train, held = load_text_file(args.data, "train"), load_text_file(args.data, "eval")
     calib = pack_texts(train, tok, args.calib_seq_length, args.calib_samples)
@@ -84,10 +117,8 @@ def main() -> None:
     print(f"{args.model}: calibration {len(calib)} x {args.calib_seq_length} tokens; held-out {len(held_out)} x "
           f"{args.eval_seq_length} tokens; BOS per sample: {bool(calib[0][0] == tok.bos_token_id)}", flush=True)
 
-    def row(name: str, build, data=held_out) -> float:
-        if name in state["rows"]:
-            r = state["rows"][name]
-        else:
+    def measure(build, data) -> dict:
+        with locked():
             start = time.perf_counter()
             m = build()
             seconds = time.perf_counter() - start
@@ -96,9 +127,13 @@ def main() -> None:
             kept = getattr(m, "minitron_provenance", {}).get("kept", {}).get("layers")
             if kept is not None and len(kept) != model.config.num_hidden_layers:
                 r["kept_layers"] = kept
-            state["rows"][name] = r
+        return r
+
+    def row(name: str, build, data=held_out) -> float:
+        if name not in state["rows"]:
+            state["rows"][name] = measure(build, data)
             _save(args.output_json, state)
-            del m
+        r = state["rows"][name]
         print(f"{name:<62} params {r['params'] / 1e6:7.2f}M  ppl {r['perplexity']:12.2f}", flush=True)
         return r["perplexity"]
 
@@ -107,21 +142,36 @@ def main() -> None:
         no_bos = pack_texts(held, tok, args.eval_seq_length, args.eval_samples, add_bos=False)
         row("teacher, no BOS in the evaluation windows", lambda: model, data=no_bos)
 
-    start = time.perf_counter()
     config = MinitronPruneConfig(num_calibration_samples=args.calib_samples, calibration_seq_length=args.calib_seq_length,
                                  calibration_batch_size=4)
-    scores = estimate_importance(model, calib, config)
-    print(f"importance pass: {time.perf_counter() - start:.1f}s", flush=True)
+    scores_path = f"{os.path.splitext(args.output_json)[0]}.scores.safetensors" if args.output_json else None
+    if scores_path and os.path.isfile(scores_path):
+        scores = ImportanceScores.load(scores_path)
+    else:
+        with locked():
+            start = time.perf_counter()
+            scores = estimate_importance(model, calib, config)
+            print(f"importance pass: {time.perf_counter() - start:.1f}s", flush=True)
+        if scores_path:
+            scores.save(scores_path)
     hidden_only, combined, depth, heads = TARGETS[args.model]
 
     def pruned(scores_: ImportanceScores, **settings):
         return lambda: prune_model(copy.deepcopy(model), MinitronPruneConfig(**settings), importance=scores_)
 
     if "grid" not in skip:
+        grid_data, suffix = held_out, ""
+        if args.grid_eval_samples is not None and args.grid_eval_samples < len(held_out):
+            grid_data, suffix = held_out[: args.grid_eval_samples], f" | first {args.grid_eval_samples} windows"
+            row(f"teacher{suffix}", lambda: model, data=grid_data)
         for source in HIDDEN_IMPORTANCE_SOURCES:
             for correction in NORM_CORRECTIONS:
-                row(f"hidden {hidden_only['hidden_size']} | {source} | {correction}",
-                    pruned(scores, **hidden_only, hidden_importance_source=source, rescale_norms=correction))
+                row(f"hidden {hidden_only['hidden_size']} | {source} | {correction}{suffix}",
+                    pruned(scores, **hidden_only, hidden_importance_source=source, rescale_norms=correction), data=grid_data)
+        if suffix:  # the defaults on every window too
+            row(f"hidden {hidden_only['hidden_size']} | matmul_inputs | calibrated", pruned(scores, **hidden_only))
+            row(f"hidden {hidden_only['hidden_size']} | all_norms | sqrt",
+                pruned(scores, **hidden_only, hidden_importance_source="all_norms", rescale_norms="sqrt"))
 
     if "combined" not in skip:
         label = "/".join(str(v) for v in combined.values())
@@ -132,11 +182,12 @@ def main() -> None:
         row(f"width {label} | random (sqrt)", pruned(random_importance(model), **combined, rescale_norms="sqrt"))
 
     if "depth" not in skip:
-        depth_scores = estimate_importance(
-            model, calib[: args.depth_calib_samples],
-            MinitronPruneConfig(num_calibration_samples=args.depth_calib_samples, calibration_seq_length=args.calib_seq_length,
-                                calibration_batch_size=4, depth_criterion="perplexity"),
-        )
+        with locked():
+            depth_scores = estimate_importance(
+                model, calib[: args.depth_calib_samples],
+                MinitronPruneConfig(num_calibration_samples=args.depth_calib_samples, calibration_seq_length=args.calib_seq_length,
+                                    calibration_batch_size=4, depth_criterion="perplexity"),
+            )
         depth_scores.block_importance = scores.block_importance  # Block Importance from the full calibration pass
         source_layers = model.config.num_hidden_layers
         for criterion in ("block_importance", "perplexity"):

@@ -14,6 +14,7 @@ from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from .distillation.config import apply_cpu_defaults
+from .model_utils import instance_patches, strip_instance_patches
 
 
 logger = logging.get_logger(__name__)
@@ -85,6 +86,7 @@ def correct_teacher(
 
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
     logger.info(f"Teacher correction at learning rate {args.learning_rate:g}" + (" (LoRA)" if args.use_lora else ""))
+    user_patches = instance_patches(model)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -93,14 +95,16 @@ def correct_teacher(
         processing_class=processing_class,
         peft_config=peft_config,
     )
-    trainer.train()
+    try:
+        trainer.train()
+    finally:  # also when training fails: the caller's model must not keep the trainer's patches
+        strip_instance_patches(trainer.accelerator.unwrap_model(trainer.model), keep=user_patches)
     corrected = trainer.accelerator.unwrap_model(trainer.model)
     if args.use_lora:
         corrected = corrected.merge_and_unload()
     # TRL (fused LM head) and accelerate (mixed precision) patch `forward` on the instance, closing over the original
     # object: a `copy.deepcopy` of the teacher (how students are made) would silently run the teacher's forward.
-    for name in ("forward", "_original_forward"):
-        corrected.__dict__.pop(name, None)
+    strip_instance_patches(corrected, keep=user_patches)
     corrected.eval()
     for p in corrected.parameters():
         p.requires_grad_(True)

@@ -199,3 +199,43 @@ def test_minus_inf_teacher_logits_are_finite():
     for a, b in zip(_grads(loss, [hs, ws]), _grads(ref, [hs, ws])):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_post_head_transforms_match_naive(kd_loss, ce_weight, tau):
+    # Different transform chains per model (Granite-like divide, Cohere-like scale, soft-cap) with a head bias: the
+    # loss, the logged CE (also when CE is not trained) and the gradients equal those of the transformed logits.
+    from hf_minitron.architectures import apply_logit_transforms
+
+    s_steps, t_steps = (("divide", 8.0), ("softcap", 2.5)), (("scale", 3.0),)
+    hs, ws, bs, ht, wt, mask, tg = _inputs(bias=True)
+    loss, (kd, ce, n) = fused_linear_kd_loss(
+        hs, ws, ht, wt, mask, student_bias=bs, targets=tg, kd_loss=kd_loss, temperature=tau, ce_weight=ce_weight,
+        student_logit_transforms=s_steps, teacher_logit_transforms=t_steps, chunk_size=4, return_components=True,
+    )
+    sl = apply_logit_transforms(hs @ ws.t() + bs, s_steps)
+    tl = apply_logit_transforms(ht @ wt.t(), t_steps)
+    ref_kd = kd_loss_from_logits(sl, tl, mask, kd_loss, temperature=tau)
+    ref_ce = F.cross_entropy(sl[mask], tg[mask])
+    ref = ref_kd + ce_weight * ref_ce
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kd / n, ref_kd.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ce / n, ref_ce.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(_grads(loss, [hs, ws, bs]), _grads(ref, [hs, ws, bs])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_logit_transform_validation():
+    from hf_minitron.architectures import ArchitectureLayout, LogitTransform
+
+    hs, ws, _, ht, wt, mask, _ = _inputs()
+    with pytest.raises(ValueError, match="Unknown logit transform"):
+        fused_linear_kd_loss(hs, ws, ht, wt, mask, student_logit_transforms=(("exp", 1.0),))
+    with pytest.raises(ValueError, match="non-zero"):
+        fused_linear_kd_loss(hs, ws, ht, wt, mask, teacher_logit_transforms=(("divide", 0.0),))
+    with pytest.raises(ValueError, match="kind"):
+        LogitTransform("shift", "logit_bias")
+    with pytest.raises(ValueError, match="LogitTransform"):
+        ArchitectureLayout(model_types=("x",), logit_transforms=(("divide", "logits_scaling"),))

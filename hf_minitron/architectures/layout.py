@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .blocks import BLOCK_SIZE_NAMES, MambaLayout, MoELayout
+from .logits import LogitTransform
 
 
 # How a norm layer applies its weight (``x_hat`` is the RMS- or mean/std-normalised input):
@@ -160,6 +161,10 @@ class ArchitectureLayout:
         default_factory=lambda: {"hidden_size": "hidden", "intermediate_size": "intermediate"}
     )
     layer_attributes: dict[str, str] = field(default_factory=lambda: {"hidden_size": "hidden"})
+    # Elementwise steps from the `lm_head` output to `.logits`, in order (see `architectures/logits.py`): e.g.
+    # Granite divides by `logits_scaling`, Gemma-2/3 soft-cap. Code that rebuilds logits from the head's weights
+    # (the fused distillation loss) applies them.
+    logit_transforms: tuple[LogitTransform, ...] = ()
     # Whether a decoder layer returns ``(hidden_states,)`` rather than the tensor (Falcon-H1).
     layer_output_tuple: bool = False
     # Blocks beyond attention + dense MLP.
@@ -187,6 +192,8 @@ class ArchitectureLayout:
         shared_pre = self.attention_norm is not None and self.attention_norm == self.mlp_norm
         if len(set(paths)) != len(paths) - shared_pre:
             raise ValueError(f"A norm can hold one role only (or be both pre-norms); got the same path twice in {paths}.")
+        if not all(isinstance(t, LogitTransform) for t in self.logit_transforms):
+            raise ValueError(f"logit_transforms must be a tuple of LogitTransform, got {self.logit_transforms!r}.")
         attribute_maps = [(n, getattr(self, n)) for n in ("attention_attributes", "mlp_attributes", "layer_attributes")]
         for sub in (self.moe, self.mamba):
             if sub is not None:

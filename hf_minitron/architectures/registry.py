@@ -10,6 +10,7 @@ from torch import nn
 
 from .blocks import MambaLayout, MoELayout
 from .layout import ArchitectureLayout
+from .logits import LogitTransform
 
 
 # Llama-shaped: pre-norm RMSNorm (`input_layernorm` before attention, `post_attention_layernorm` before the MLP),
@@ -20,7 +21,8 @@ MISTRAL_LAYOUT = ArchitectureLayout(model_types=("mistral",))
 QWEN2_LAYOUT = ArchitectureLayout(model_types=("qwen2",), layer_prefix_config_fields=("max_window_layers",))
 # Granite: Llama plus scalar multipliers (embedding, residual, attention scaling, logits) that do not depend
 # on any pruned size; the attention scaling replaces 1/sqrt(head_dim), and head_dim never changes.
-GRANITE_LAYOUT = ArchitectureLayout(model_types=("granite",))
+# `.logits` are the head output divided by `logits_scaling`.
+GRANITE_LAYOUT = ArchitectureLayout(model_types=("granite",), logit_transforms=(LogitTransform("divide", "logits_scaling"),))
 # Qwen3: per-head q/k RMSNorm ([head_dim], shared by all heads).
 QWEN3_LAYOUT = ArchitectureLayout(
     model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
@@ -30,15 +32,18 @@ QWEN3_LAYOUT = ArchitectureLayout(
 GEMMA_LAYOUT = ArchitectureLayout(model_types=("gemma",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden")
 # Gemma2: Gemma plus "sandwich" norms: `post_attention_layernorm` normalises the attention *output* before the
 # residual add, `pre_feedforward_layernorm` is the pre-MLP norm and `post_feedforward_layernorm` normalises the MLP
-# output. Attention and final-logit softcapping are config scalars (preserved as they are).
+# output. Attention and final-logit softcapping are config scalars (preserved as they are); `.logits` are the
+# soft-capped head outputs.
 _SANDWICH_NORMS = dict(
     attention_norm="input_layernorm",
     attention_output_norm="post_attention_layernorm",
     mlp_norm="pre_feedforward_layernorm",
     mlp_output_norm="post_feedforward_layernorm",
 )
+_SOFTCAP = (LogitTransform("softcap", "final_logit_softcapping"),)
 GEMMA2_LAYOUT = ArchitectureLayout(
-    model_types=("gemma2",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden", **_SANDWICH_NORMS
+    model_types=("gemma2",), norm_kind="rms_one_plus", embed_scale="sqrt_hidden", logit_transforms=_SOFTCAP,
+    **_SANDWICH_NORMS,
 )
 # Gemma3 (text-only Gemma3ForCausalLM, model_type "gemma3_text"): Gemma2 plus per-head q/k norms.
 GEMMA3_LAYOUT = ArchitectureLayout(
@@ -47,6 +52,7 @@ GEMMA3_LAYOUT = ArchitectureLayout(
     embed_scale="sqrt_hidden",
     q_norm="self_attn.q_norm",
     k_norm="self_attn.k_norm",
+    logit_transforms=_SOFTCAP,
     **_SANDWICH_NORMS,
 )
 # Phi-3: fused qkv_proj ([q; k; v] rows) and fused gate_up_proj ([gate; up] rows).

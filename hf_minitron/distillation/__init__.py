@@ -10,6 +10,7 @@ Example:
 """
 
 from .config import DistillationConfig
+from .layer_map import get_provenance, resolve_layer_map
 from .losses import (
     HIDDEN_STATE_LOSSES,
     KD_LOSSES,
@@ -18,7 +19,7 @@ from .losses import (
     hidden_state_loss,
     kd_loss_from_logits,
 )
-from .trainer import PROJECTION_FILE, DistillationTrainer, get_provenance, resolve_layer_map
+from .trainer import PROJECTION_FILE, DistillationTrainer
 
 
 # Alias: the chunked loss is the fused-linear one

@@ -55,7 +55,8 @@ class DistillationConfig(SFTConfig):
         kd_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the logit distillation term.
         ce_weight (`float`, *optional*, defaults to `0.0`):
-            Weight of the student's next-token cross-entropy on the labels (Minitron uses none). Always logged.
+            Weight of the student's next-token cross-entropy on the labels (Minitron uses none). Always logged: with
+            `ce_weight=0` it is read off the student's log-softmax (τ = 1) or one logsumexp pass, without a gradient.
         hidden_state_loss (`str`, *optional*, defaults to `"none"`):
             `"none"`, `"cosine"` (1 - cos) or `"mse"` between post-norm hidden states of mapped layers.
         hidden_state_layer_map (`str` or `list[int]`, *optional*, defaults to `"auto"`):
@@ -65,7 +66,9 @@ class DistillationConfig(SFTConfig):
             layer index per student layer (`None`/`-1` to skip a layer), or a list of `[student, teacher]` pairs; a
             JSON or comma-separated string is accepted.
         hidden_state_weight (`float` or `str`, *optional*, defaults to `"dynamic"`):
-            Weight of the hidden-state term; `"dynamic"` uses α = L_logits / L_hidden (both detached) each step.
+            Weight of the hidden-state term; `"dynamic"` uses α = L_logits / L_hidden (both detached) of a whole
+            optimizer step (all accumulation micro-batches and ranks): the previous step's, or on the first step its
+            own (one extra no-grad forward). Invariant to how the step's batch is split.
         kd_chunk_size (`int`, *optional*, defaults to `1024`):
             Tokens per chunk of the fused `lm_head` + divergence; bounds the logits memory to `2 · chunk · V` floats.
         projection_learning_rate (`float`, *optional*):

@@ -16,15 +16,22 @@ i.e. the divergence is **summed over the vocabulary**, then **summed over the va
 divided by `normalizer`, which defaults to the number of valid tokens (a per-token mean). The τ² factor (Hinton et
 al., 2015) keeps the gradient magnitude independent of the temperature τ. The trainer passes the global number of label tokens
 (`num_items_in_batch`) as `normalizer` so gradient accumulation is exact.
+
+Logits are the `lm_head` output followed by the model family's post-head transforms (registry data, see
+`hf_minitron.architectures.logits`: Granite's division by `logits_scaling`, Gemma-2/3 soft-capping, ...), so the
+loss is the one computed from the models' own `.logits`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from ..architectures.logits import LOGIT_TRANSFORM_KINDS
 
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -176,21 +183,38 @@ def kd_loss_from_logits(
     return per_tok.sum() * temperature**2 / normalizer
 
 
+def _logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dim of ``x [N, V]``, a few rows at a time (bounded temporaries), ``x`` untouched."""
+    return torch.cat([torch.logsumexp(x[rows], dim=-1) for rows in _row_blocks(x)])
+
+
 def _project(
-    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 (or fp64) logits `[C, V]` of one chunk, and d(capped)/d(raw) when softcapping."""
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, steps: tuple, need_deriv: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """fp32 (or fp64) logits `[C, V]` of one chunk after the post-head `steps`, and d(logits)/d(head output) as an
+    elementwise tensor (soft-capping; `None` without) times a scalar (scales)."""
     logits = h.to(w.dtype) @ w.t()  # matmul in the weight dtype (bf16 on GPU), then upcast: only [C, V] in fp32
     acc_dtype = torch.promote_types(logits.dtype, torch.float32)
     logits = logits.to(acc_dtype)
     if b is not None:
-        logits = logits + b.to(acc_dtype)
-    dcap = None
-    if softcap:
-        logits = torch.tanh(logits / softcap)
-        dcap = 1.0 - logits * logits
-        logits = logits * softcap
-    return logits, dcap
+        logits += b.to(acc_dtype)
+    d_tensor, d_scalar = None, 1.0
+    for kind, value in steps:  # in place: no extra [C, V] buffer except the soft-cap derivative
+        if kind == "scale":
+            logits.mul_(value)
+            d_scalar *= value
+        elif kind == "divide":
+            logits.div_(value)
+            d_scalar /= value
+        elif kind == "softcap":
+            logits.div_(value).tanh_()
+            if need_deriv:  # d(c · tanh(x / c))/dx = 1 - tanh²
+                d = 1.0 - logits * logits
+                d_tensor = d if d_tensor is None else d_tensor.mul_(d)
+            logits.mul_(value)
+        else:
+            raise ValueError(f"Unknown logit transform {kind!r}; expected one of {LOGIT_TRANSFORM_KINDS}.")
+    return logits, d_tensor, d_scalar
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -211,8 +235,8 @@ class _FusedLinearKD(torch.autograd.Function):
         temperature: float,
         kd_weight: float,
         ce_weight: float,
-        s_softcap: float | None,
-        t_softcap: float | None,
+        s_steps: tuple,  # post-head transforms ((kind, value), ...) of each model
+        t_steps: tuple,
         chunk_size: int,
         normalizer: torch.Tensor,  # scalar
     ):
@@ -234,20 +258,27 @@ class _FusedLinearKD(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(device_type=s_h.device.type, enabled=False):
             for start in range(0, n, chunk_size):
                 end = min(start + chunk_size, n)
-                s_logits, s_dcap = _project(s_h[start:end], s_w, s_b, s_softcap)  # [C, V] fp32
+                s_logits, s_dz, s_dz_scale = _project(s_h[start:end], s_w, s_b, s_steps, need_grad)  # [C, V] fp32
                 g_ce = None
                 if targets is not None:
-                    # CE at temperature 1 on the raw (capped) logits; its gradient is softmax - onehot
+                    # CE at temperature 1 on the transformed logits. Its gradient (softmax - onehot) needs one more
+                    # [C, V] buffer, built only when CE is trained; for logging alone it is logsumexp - target logit,
+                    # read off the temperature-1 log-softmax below (τ = 1) or one read-only logsumexp pass.
                     tgt = targets[start:end].unsqueeze(-1)
-                    s_logp1 = torch.log_softmax(s_logits, dim=-1)
-                    ce_sum -= s_logp1.gather(-1, tgt).sum()
                     if need_grad and ce_weight != 0.0:
+                        s_logp1 = torch.log_softmax(s_logits, dim=-1)
+                        ce_sum -= s_logp1.gather(-1, tgt).sum()
                         g_ce = s_logp1.exp_().scatter_add_(-1, tgt, torch.full_like(s_logp1[:, :1], -1.0))
-                    del s_logp1
-                # In place: with the CE gradient off, at most two [C, V] buffers are ever alive
+                        del s_logp1
+                    elif tau != 1.0:
+                        ce_sum += (_logsumexp_rows(s_logits) - s_logits.gather(-1, tgt).squeeze(-1)).sum()
+                # In place: with the CE gradient off, at most two [C, V] buffers are ever alive (plus a soft-cap's
+                # derivative)
                 s_logp = _log_softmax_(s_logits if tau == 1.0 else s_logits.div_(tau))
                 del s_logits
-                t_logits, _ = _project(t_h[start:end], t_w, t_b, t_softcap)  # [C, V] fp32
+                if targets is not None and g_ce is None and tau == 1.0:
+                    ce_sum -= s_logp.gather(-1, tgt).sum()
+                t_logits, _, _ = _project(t_h[start:end], t_w, t_b, t_steps, False)  # [C, V] fp32
                 t_logp = _log_softmax_(t_logits if tau == 1.0 else t_logits.div_(tau))
                 del t_logits
                 per_row, g = _divergence(s_logp, t_logp, kd_loss, jsd_beta, need_grad)
@@ -261,8 +292,10 @@ class _FusedLinearKD(torch.autograd.Function):
                 del g_ce
                 if not need_grad:
                     continue
-                if s_dcap is not None:
-                    g.mul_(s_dcap)
+                if s_dz is not None:
+                    g.mul_(s_dz)
+                if s_dz_scale != 1.0:
+                    g.mul_(s_dz_scale)
                 # g is d(sum of this chunk's weighted losses)/d(raw student logits), [C, V]
                 if need_h:
                     grad_h[start:end] = (g.to(s_w.dtype) @ s_w).to(s_h.dtype)
@@ -312,6 +345,8 @@ def fused_linear_kd_loss(
     vocab_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    student_logit_transforms: Sequence[tuple[str, float]] = (),
+    teacher_logit_transforms: Sequence[tuple[str, float]] = (),
     chunk_size: int = 1024,
     normalizer: float | torch.Tensor | None = None,
     return_components: bool = False,
@@ -337,7 +372,12 @@ def fused_linear_kd_loss(
         kd_weight / ce_weight (`float`): weights of the two terms.
         vocab_size (`int`, *optional*): compare only the first `vocab_size` logits (for embeddings padded beyond the
             tokenizer). Defaults to `min(Vs, Vt)`.
-        student_softcap / teacher_softcap (`float`, *optional*): `final_logit_softcapping` (Gemma-2 style).
+        student_softcap / teacher_softcap (`float`, *optional*): `final_logit_softcapping` (Gemma-2 style); a
+            shorthand for a last `("softcap", value)` step.
+        student_logit_transforms / teacher_logit_transforms (sequence of `(kind, value)`): elementwise steps from
+            the head output (bias included) to the model's logits, in order: `("scale", c)` = x·c, `("divide", c)`
+            = x/c, `("softcap", c)` = c·tanh(x/c). The trainer reads them from the architecture registry
+            (`ArchitectureLayout.logit_transforms`); both the divergence and the CE term see the transformed logits.
         chunk_size (`int`): rows per chunk.
         normalizer (`float` or `torch.Tensor`, *optional*): divisor of the summed loss; defaults to the number of
             valid tokens (clamped to ≥ 1).
@@ -355,6 +395,8 @@ def fused_linear_kd_loss(
     _check_kd_loss(kd_loss, jsd_beta)
     if temperature <= 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    s_steps = _steps(student_logit_transforms, student_softcap)
+    t_steps = _steps(teacher_logit_transforms, teacher_softcap)
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
     common = min(student_weight.shape[0], teacher_weight.shape[0])
@@ -399,14 +441,26 @@ def fused_linear_kd_loss(
         float(temperature),
         float(kd_weight),
         float(ce_weight),
-        student_softcap,
-        teacher_softcap,
+        s_steps,
+        t_steps,
         int(chunk_size),
         normalizer,
     )
     if return_components:
         return total, (kd_sum, ce_sum, num_valid)
     return total
+
+
+def _steps(transforms: Sequence[tuple[str, float]], softcap: float | None) -> tuple[tuple[str, float], ...]:
+    steps = tuple((str(kind), float(value)) for kind, value in transforms)
+    if softcap:
+        steps += (("softcap", float(softcap)),)
+    for kind, value in steps:
+        if kind not in LOGIT_TRANSFORM_KINDS:
+            raise ValueError(f"Unknown logit transform {kind!r}; expected one of {LOGIT_TRANSFORM_KINDS}.")
+        if kind != "scale" and value == 0:
+            raise ValueError(f"A {kind!r} logit transform needs a non-zero value.")
+    return steps
 
 
 def hidden_state_loss(

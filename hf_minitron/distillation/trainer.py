@@ -17,100 +17,31 @@ from transformers.utils import logging
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection, prepare_deepspeed
 
+from ..model_utils import instance_patches, strip_instance_patches
+from .checks import (
+    base_model,
+    check_peft_config,
+    check_same_tokenizer,
+    checkpoint_dir,
+    describe_transforms,
+    load_local_tokenizer,
+    output_head,
+    resolve_logit_transforms_checked,
+)
 from .config import DistillationConfig
+from .layer_map import final_norm, get_provenance, resolve_layer_map
 from .losses import fused_linear_kd_loss, hidden_state_loss
 
 
 logger = logging.get_logger(__name__)
 
 PROJECTION_FILE = "minitron_projection.safetensors"
-PROVENANCE_FILE = "minitron_config.json"
+STATE_FILE = "minitron_distillation_state.json"  # the dynamic hidden-state weight α, for exact resumes
 # Collator/bookkeeping keys that must not reach the models' forward
 _NON_MODEL_KEYS = ("labels", "shift_labels", "completion_mask", "assistant_masks", "num_items_in_batch")
 
 
-def _base(model: nn.Module) -> nn.Module:
-    """The `PreTrainedModel` under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def get_provenance(model: nn.Module) -> dict | None:
-    """Pruning provenance of `model`: `model.minitron_provenance`, else `minitron_config.json` beside its weights."""
-    model = _base(model)
-    prov = getattr(model, "minitron_provenance", None)
-    if prov is not None:
-        return prov
-    for path in (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)):
-        if path and os.path.isfile(os.path.join(path, PROVENANCE_FILE)):
-            with open(os.path.join(path, PROVENANCE_FILE)) as f:
-                return json.load(f)
-    return None
-
-
-def resolve_layer_map(
-    num_student_layers: int,
-    num_teacher_layers: int,
-    layer_map: str | list = "auto",
-    provenance: dict | None = None,
-) -> list[tuple[int, int]]:
-    """`[(student_layer, teacher_layer), ...]` pairs compared by the hidden-state loss (0-based layer indices).
-
-    `"auto"`: the teacher layer each student layer was pruned from (`provenance["kept"]["layers"]`), else an even
-    spread `t = round((s + 1) · L_t / L_s) - 1` that always pairs the last layers. An explicit list holds one teacher
-    index per student layer (`None` or `-1` skips that layer) or `[student, teacher]` pairs.
-
-    Example:
-    ```python
-    >>> resolve_layer_map(2, 4)
-    [(0, 1), (1, 3)]
-    >>> resolve_layer_map(3, 4, provenance={"kept": {"layers": [0, 1, 3]}})
-    [(0, 0), (1, 1), (2, 3)]
-    ```
-    """
-    Ls, Lt = num_student_layers, num_teacher_layers
-    if layer_map == "auto":
-        kept = ((provenance or {}).get("kept") or {}).get("layers")
-        if kept is not None:
-            src = (provenance.get("source_config") or {}).get("num_hidden_layers")
-            if src is not None and src != Lt:
-                raise ValueError(
-                    f"The student's pruning provenance refers to a {src}-layer source model but the teacher has {Lt} "
-                    "layers; pass the teacher the student was pruned from or an explicit `hidden_state_layer_map`."
-                )
-            if len(kept) != Ls:
-                raise ValueError(
-                    f"Provenance `kept.layers` has {len(kept)} entries but the student has {Ls} layers; pass an "
-                    "explicit `hidden_state_layer_map`."
-                )
-            pairs = [(s, int(t)) for s, t in enumerate(kept)]
-        else:
-            pairs = [(s, max(0, min(Lt - 1, round((s + 1) * Lt / Ls) - 1))) for s in range(Ls)]
-    elif isinstance(layer_map, (list, tuple)):
-        if layer_map and all(isinstance(x, (list, tuple)) for x in layer_map):
-            pairs = [(int(s), int(t)) for s, t in layer_map]
-        else:
-            if len(layer_map) != Ls:
-                raise ValueError(
-                    f"`hidden_state_layer_map` has {len(layer_map)} entries but the student has {Ls} layers; give "
-                    "one teacher layer index per student layer (None or -1 to skip) or [student, teacher] pairs."
-                )
-            pairs = [(s, int(t)) for s, t in enumerate(layer_map) if t is not None and int(t) >= 0]
-    else:
-        raise ValueError(f"`hidden_state_layer_map` must be 'auto' or a list, got {layer_map!r}.")
-    for s, t in pairs:
-        if not (0 <= s < Ls and 0 <= t < Lt):
-            raise ValueError(f"Layer pair (student {s}, teacher {t}) is out of range ({Ls} / {Lt} layers).")
-    if not pairs:
-        raise ValueError("`hidden_state_layer_map` selects no layer.")
-    return pairs
-
-
-def _final_norm(model: nn.Module) -> nn.Module | None:
-    decoder = _base(model).get_decoder() if hasattr(_base(model), "get_decoder") else None
-    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
-        if decoder is not None and isinstance(getattr(decoder, name, None), nn.Module):
-            return getattr(decoder, name)
-    return None
+_base = base_model
 
 
 def _full_param(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -120,10 +51,13 @@ def _full_param(p: torch.Tensor | None) -> torch.Tensor | None:
     return p
 
 
-class _ProjectionGradSync(TrainerCallback):
-    """Gradient bookkeeping of the projection, which lives outside the (DDP-wrapped) student: before each optimizer
-    step its gradients are averaged over data-parallel ranks and clipped with `max_grad_norm`; after it they are
-    cleared (`Trainer` only zeroes the model's gradients)."""
+class _DistillationStepCallback(TrainerCallback):
+    """Per-optimizer-step bookkeeping of what lives outside the (DDP-wrapped) student.
+
+    Before each optimizer step the projection's gradients are averaged over data-parallel ranks and clipped with
+    `max_grad_norm`; after it they are cleared (`Trainer` only zeroes the model's gradients), and the dynamic
+    hidden-state weight α of the next step is set from this step's loss totals.
+    """
 
     def __init__(self, trainer: DistillationTrainer):
         self.trainer = trainer
@@ -146,6 +80,7 @@ class _ProjectionGradSync(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.projection is not None:
             self.trainer.projection.zero_grad(set_to_none=True)
+        self.trainer._finish_alpha_step()
 
 
 class DistillationTrainer(SFTTrainer):
@@ -158,8 +93,24 @@ class DistillationTrainer(SFTTrainer):
       cross-entropy term (`ce_weight`, default 0);
     - an optional hidden-state loss (cosine or MSE) between post-norm hidden states of mapped layers, through one
       learned `nn.Linear(H_student, H_teacher, bias=False)` shared across layers when the widths differ, weighted by a
-      fixed float or dynamically by α = L_logits / L_hidden;
+      fixed float or dynamically by α = L_logits / L_hidden, one value per optimizer step (see below);
     - a frozen teacher in eval mode, run under `torch.no_grad()` and prepared by accelerate like TRL's `GKDTrainer`.
+
+    Not TRL's own `trl.DistillationTrainer`, which is on-policy (the student generates, with vLLM, and is trained
+    on its own samples): this one is off-policy, on a fixed corpus, for students pruned from their teacher.
+
+    The logits the loss rebuilds from each `lm_head` include the family's post-head transforms (registry data,
+    `ArchitectureLayout.logit_transforms`: Granite's `logits_scaling`, Gemma-2/3 soft-capping, ...). At construction
+    one 4-token forward per model checks that they, the head's input and the head itself reproduce the model's own
+    `.logits`; an unregistered causal LM is accepted when `.logits` is its head output as is, or scaled, divided or
+    soft-capped by one of its config fields, and refused otherwise. Student and teacher must share a tokenizer: every
+    tokenizer that is known (`processing_class`, and those saved beside either model's weights) is compared by
+    vocabulary and special tokens.
+
+    Dynamic α is L_logits / L_hidden of a whole optimizer step (all gradient-accumulation micro-batches, all
+    data-parallel ranks), taken from the previous step's totals; the first step measures its own with one extra
+    forward without gradients. Updates are therefore the same for batch 4 × accumulation 1, batch 1 × accumulation 4
+    or 4 ranks × batch 1, and α is checkpointed so a resumed run continues exactly.
 
     Tokens are selected by SFT's labels: positions whose next-token label is `-100` (padding, prompt in
     completion-only training, non-assistant turns) are excluded. Every loss is summed over those tokens and divided
@@ -168,7 +119,12 @@ class DistillationTrainer(SFTTrainer):
     (the last layer's output already is), so both models are compared at the scale their `lm_head` sees.
 
     The projection belongs to the trainer: it is an extra optimizer parameter group, saved as
-    `checkpoint-*/minitron_projection.safetensors` and restored on resume; the saved student is a stock model.
+    `checkpoint-*/minitron_projection.safetensors` and restored on resume; the saved student is a stock model. After
+    `train()` neither model carries an instance-level `forward` patch added by TRL or accelerate, so copies of them
+    (how further students are pruned) run their own weights.
+
+    PEFT: adapters anywhere but on `lm_head`; `modules_to_save=["lm_head"]` trains a full copy of the head through
+    the fused loss. An adapter layer on `lm_head` (or on the teacher's) raises a `ValueError`.
 
     Args:
         model: The student (model or path), as in [`~trl.SFTTrainer`].
@@ -176,6 +132,11 @@ class DistillationTrainer(SFTTrainer):
             student's tokenizer; `lm_head`s padded beyond the tokenizer are compared on their common rows.
         args ([`DistillationConfig`]): Training and distillation options.
         Other arguments are those of [`~trl.SFTTrainer`].
+
+    Raises:
+        ValueError: different tokenizers, a vocabulary mismatch, an adapter on either `lm_head`, a post-head
+            transform that cannot be reproduced, or invalid options; before any dataset preparation (the student's
+            head is checked again once PEFT has wrapped it).
 
     Example:
     ```python
@@ -215,6 +176,7 @@ class DistillationTrainer(SFTTrainer):
         if teacher_model is None:
             raise ValueError("`teacher_model` is required.")
 
+        teacher_dir = checkpoint_dir(teacher_model)
         if isinstance(teacher_model, str):
             init_kwargs = dict(args.teacher_model_init_kwargs or {})
             dtype = init_kwargs.get("dtype")
@@ -228,8 +190,19 @@ class DistillationTrainer(SFTTrainer):
                 "the teacher as a path."
             )
 
-        if processing_class is None:
-            processing_class = self._load_tokenizer(model, teacher_model)
+        # Cheap checks first: adapters on either head, and the tokenizers
+        check_peft_config(model, peft_config)
+        if isinstance(model, nn.Module):
+            output_head(model, "student")
+        output_head(teacher_model, "teacher")
+        processing_class = self._check_tokenizers(model, teacher_model, teacher_dir, processing_class)
+        # Post-head logit transforms (registry data), verified against each model's own `.logits` on 4 tokens
+        self.teacher_logit_transforms = resolve_logit_transforms_checked(teacher_model, "teacher", check_backbone=True)
+        student_steps = resolve_logit_transforms_checked(model, "student") if isinstance(model, nn.Module) else None
+        # Instance patches present now are the user's (e.g. `device_map` hooks); the ones trainers add are removed
+        # when the models are handed back (see `train`)
+        self._student_patches = instance_patches(model) if isinstance(model, nn.Module) else {}
+        self._teacher_patches = instance_patches(teacher_model)
 
         super().__init__(
             model,
@@ -248,8 +221,19 @@ class DistillationTrainer(SFTTrainer):
         )
 
         student = self.accelerator.unwrap_model(self.model)
-        self._check_lm_head(student)
+        # SFTTrainer's fused-LM-head `forward` (a closure over this object) is unused here: the distillation loss
+        # is fused with the head itself. Removing it keeps copies of the student running their own weights.
+        strip_instance_patches(student, keep=self._student_patches)
+        output_head(student, "student")  # after PEFT wrapping
         self.kd_vocab_size = self._resolve_vocab(student, teacher_model)
+        if student_steps is None:  # the student was a path
+            student_steps = resolve_logit_transforms_checked(student, "student")
+        self.student_logit_transforms = student_steps
+        if self.student_logit_transforms or self.teacher_logit_transforms:
+            logger.info(
+                f"Post-head logit transforms: student {describe_transforms(self.student_logit_transforms)}, "
+                f"teacher {describe_transforms(self.teacher_logit_transforms)}"
+            )
 
         # Frozen teacher: no grads, eval mode (dropout off), prepared like TRL's GKDTrainer
         teacher_model.requires_grad_(False)
@@ -259,6 +243,7 @@ class DistillationTrainer(SFTTrainer):
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model.eval()
+        self._teacher_head_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
         # The chunked loss reads `lm_head.weight` after the backbone; running it inside the wrapper's forward keeps
         # DDP's `prepare_for_backward` and FSDP/DeepSpeed parameter gathering consistent (as TRL does).
@@ -278,7 +263,10 @@ class DistillationTrainer(SFTTrainer):
                     device=self.accelerator.device, dtype=torch.float32
                 )
             logger.info(f"Hidden-state distillation on (student, teacher) layers {self.layer_pairs}")
-        self.add_callback(_ProjectionGradSync(self))
+        # Dynamic α: the value of the current optimizer step, and the running [logit, hidden] loss sums of the step
+        self._alpha: float | None = None
+        self._alpha_totals = torch.zeros(2, dtype=torch.float64)
+        self.add_callback(_DistillationStepCallback(self))
 
     # ----------------------------------------------------------------------------------------------- setup checks
     @staticmethod
@@ -301,18 +289,28 @@ class DistillationTrainer(SFTTrainer):
             "`processing_class=tokenizer` (the tokenizer student and teacher share)."
         )
 
-    @staticmethod
-    def _check_lm_head(student: nn.Module) -> None:
-        head = student.get_output_embeddings()
-        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-            raise ValueError(
-                "The student has no plain `lm_head` (`get_output_embeddings()`); the fused loss reads its weight. "
-                "Do not target `lm_head` with a PEFT adapter."
-            )
+    def _check_tokenizers(self, model, teacher_model, teacher_dir: str | None, processing_class):
+        """Compare every tokenizer that is known: `processing_class` and those saved beside the student's and the
+        teacher's weights (vocabulary and special tokens, not just sizes). Returns the tokenizer to train with."""
+        known = []
+        if processing_class is not None:
+            known.append(("`processing_class`", processing_class))
+        seen = set()
+        for role, folder in (("student", checkpoint_dir(model)), ("teacher", teacher_dir or checkpoint_dir(teacher_model))):
+            if folder is None or os.path.realpath(folder) in seen:
+                continue
+            seen.add(os.path.realpath(folder))
+            tok = load_local_tokenizer(folder)
+            if tok is not None:
+                known.append((f"the {role}'s checkpoint ({folder})", tok))
+        check_same_tokenizer(known)
+        if processing_class is None:
+            processing_class = known[0][1] if known else self._load_tokenizer(model, teacher_model)
+        return processing_class
 
     def _resolve_vocab(self, student: nn.Module, teacher: nn.Module) -> int:
-        s_rows = student.get_output_embeddings().weight.shape[0]
-        t_rows = teacher.get_output_embeddings().weight.shape[0]
+        s_rows = output_head(student, "student").weight.shape[0]
+        t_rows = output_head(teacher, "teacher").weight.shape[0]
         if s_rows == t_rows:
             return s_rows
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -343,21 +341,29 @@ class DistillationTrainer(SFTTrainer):
         return optimizer
 
     def _save_checkpoint(self, model, trial):
-        # The projection goes in first: `Trainer` writes `trainer_state.json` last, so a checkpoint that has it is
-        # complete, projection included, even if the process is killed mid-save.
-        if self.projection is not None and self.args.should_save:
-            from safetensors.torch import save_file
-
+        # Trainer-owned state goes in first: `Trainer` writes `trainer_state.json` last, so a checkpoint that has it is
+        # complete, projection and α included, even if the process is killed mid-save.
+        if self.args.should_save and (self.projection is not None or self._alpha is not None):
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             output_dir = os.path.join(self._get_output_dir(trial=trial), folder)
             os.makedirs(output_dir, exist_ok=True)
-            state = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
-            save_file(state, os.path.join(output_dir, PROJECTION_FILE))
+            if self.projection is not None:
+                from safetensors.torch import save_file
+
+                state = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
+                save_file(state, os.path.join(output_dir, PROJECTION_FILE))
+            if self._alpha is not None:
+                with open(os.path.join(output_dir, STATE_FILE), "w") as f:
+                    json.dump({"hidden_state_alpha": self._alpha}, f)
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_projection(resume_from_checkpoint)
+        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+        if self._dynamic_alpha and os.path.isfile(path):
+            with open(path) as f:
+                self._alpha = json.load(f)["hidden_state_alpha"]
 
     def _load_projection(self, checkpoint: str) -> None:
         if self.projection is None:
@@ -370,6 +376,55 @@ class DistillationTrainer(SFTTrainer):
 
         self.projection.load_state_dict(load_file(path, device=str(self.accelerator.device)))
 
+    # ------------------------------------------------------------------------------------------------- training
+    def train(self, *args, **kwargs):
+        """[`~transformers.Trainer.train`]; afterwards the student and the teacher carry no instance-level patch that
+        a trainer added (TRL's fused-head `forward`, accelerate's mixed-precision wrapper), so copies of them run
+        their own weights."""
+        self._alpha = None  # measured on the first step (or restored from the checkpoint being resumed)
+        self._alpha_totals.zero_()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            strip_instance_patches(self.accelerator.unwrap_model(self.model), keep=self._student_patches)
+            strip_instance_patches(self.accelerator.unwrap_model(self.teacher_model), keep=self._teacher_patches)
+
+    @property
+    def _dynamic_alpha(self) -> bool:
+        return self.args.hidden_state_loss != "none" and self.args.hidden_state_weight == "dynamic"
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._dynamic_alpha and self._alpha is None and batch_samples:
+            self._alpha = self._measure_alpha(batch_samples, num_items_in_batch)
+        return batch_samples, num_items_in_batch
+
+    @torch.no_grad()
+    def _measure_alpha(self, batch_samples: list, num_items_in_batch) -> float:
+        """α = L_logits / L_hidden over the whole first optimizer step (every micro-batch, every rank), by one extra
+        forward without gradients; later steps take α from the previous step's totals at no cost."""
+        model = self.model_wrapped
+        unwrapped = self.accelerator.unwrap_model(model)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        for batch in batch_samples:
+            inputs = self._prepare_inputs(batch)
+            _, _, stats = self._forward_redirection(model, unwrapped, self._distill_loss, unwrapped, inputs, num_items_in_batch)
+            totals += self._loss_sums(stats).to(totals.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return float(totals[0] / totals[1].clamp(min=1e-12))
+
+    def _loss_sums(self, stats: torch.Tensor) -> torch.Tensor:
+        """`[Σ logit loss, Σ hidden-state loss]` (per-token sums, before the normalizer) from `_distill_loss` stats."""
+        stats = stats.double()
+        return torch.stack([self.args.kd_weight * stats[1] + self.args.ce_weight * stats[2], stats[3]])
+
+    def _finish_alpha_step(self) -> None:
+        """End of an optimizer step: the next step's α is this step's L_logits / L_hidden (all micro-batches, ranks)."""
+        if self._dynamic_alpha and self._alpha_totals[1] > 0:
+            self._alpha = float(self._alpha_totals[0] / self._alpha_totals[1])
+        self._alpha_totals.zero_()
+
     # ------------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -380,15 +435,17 @@ class DistillationTrainer(SFTTrainer):
         loss = logit_loss
         alpha = torch.zeros((), device=logit_loss.device)
         if hs_loss is not None:
-            if self.args.hidden_state_weight == "dynamic":
-                # α = L_logits / L_hidden over the whole data-parallel batch (both share the global normalizer), so
-                # DDP training matches single-process training on the same global batch
+            if self.args.hidden_state_weight != "dynamic":
+                alpha = torch.tensor(float(self.args.hidden_state_weight), device=logit_loss.device)
+            elif self._alpha is not None:
+                alpha = torch.tensor(self._alpha, device=logit_loss.device)
+            else:
+                # Outside a training step (a direct call, or evaluation before training): this batch's own ratio
+                # over all data-parallel ranks
                 pair = torch.stack([logit_loss.detach(), hs_loss.detach()]).float()
                 if self.accelerator.num_processes > 1:
                     pair = self.accelerator.reduce(pair, reduction="sum")
                 alpha = pair[0] / pair[1].clamp(min=1e-12)
-            else:
-                alpha = torch.tensor(float(self.args.hidden_state_weight), device=logit_loss.device)
             loss = logit_loss + alpha.to(hs_loss.dtype) * hs_loss
         stats = torch.cat([stats, alpha.detach().float().reshape(1)])
         # Like SFTTrainer: `num_items_in_batch` counts every rank's tokens while DDP averages gradients
@@ -397,6 +454,8 @@ class DistillationTrainer(SFTTrainer):
 
         # Metrics: token-weighted means over all ranks (gathered outside the wrapped forward)
         g = self.accelerator.gather(stats.unsqueeze(0)).reshape(-1, stats.numel()).sum(0)
+        if mode == "train" and self._dynamic_alpha:
+            self._alpha_totals += self._loss_sums(g).cpu()
         n = g[0].clamp(min=1)
         metrics = self._metrics[mode]
         metrics["kd_loss"].append((g[1] / n).item())
@@ -408,6 +467,25 @@ class DistillationTrainer(SFTTrainer):
             self._total_train_tokens += int(self.accelerator.gather(inputs["attention_mask"].sum()).sum().item())
             metrics["num_tokens"] = [self._total_train_tokens]
         return (loss, None) if return_outputs else loss
+
+    def _teacher_head(self, device: torch.device, stack: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher head's weight and bias on the student head's `device`. The teacher is frozen, so a head on
+        another device is copied once and kept; a sharded one (FSDP, ZeRO-3) is gathered for the step."""
+        if self._teacher_head_cache is not None:
+            return self._teacher_head_cache
+        head = output_head(self.accelerator.unwrap_model(self.teacher_model), "teacher")
+        sharded = any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in head.parameters())
+        if sharded:
+            stack.enter_context(self._gathered(head))
+            w, b = _full_param(head.weight), _full_param(getattr(head, "bias", None))
+            return w.to(device), (b.to(device) if b is not None else None)
+        w, b = head.weight.detach(), getattr(head, "bias", None)
+        b = b.detach() if b is not None else None
+        if w.device != device:
+            logger.info(f"Keeping a copy of the teacher's `lm_head` on {device} (the teacher's is on {w.device}).")
+            w, b = w.to(device), (b.to(device) if b is not None else None)
+            self._teacher_head_cache = (w, b)
+        return w, b
 
     def _distill_loss(
         self, student: nn.Module, inputs: dict, num_items_in_batch
@@ -438,21 +516,17 @@ class DistillationTrainer(SFTTrainer):
                 t_states = t_out.hidden_states
             else:
                 # Backbone only: no need to keep every layer's states
-                t_states = (teacher.base_model(**model_inputs).last_hidden_state,)
+                t_states = (_base(teacher).base_model(**model_inputs).last_hidden_state,)
         t_last = t_states[-1][:, cut]
 
-        s_head = student.get_output_embeddings()
-        t_head = teacher.get_output_embeddings()
+        s_head = output_head(student, "student")
         device = s_head.weight.device
-        s_cfg = _base(student).config.get_text_config()
-        t_cfg = teacher.config.get_text_config()
         normalizer = num_items_in_batch if num_items_in_batch is not None else num_valid.clamp(min=1)
         if torch.is_tensor(normalizer):
             normalizer = normalizer.to(device)
 
-        with self._gathered(t_head):
-            t_w = _full_param(t_head.weight).to(device)
-            t_b = _full_param(getattr(t_head, "bias", None))
+        with contextlib.ExitStack() as stack:
+            t_w, t_b = self._teacher_head(device, stack)
             logit_loss, (kd_sum, ce_sum, _) = fused_linear_kd_loss(
                 s_last.to(device),
                 _full_param(s_head.weight),
@@ -460,7 +534,7 @@ class DistillationTrainer(SFTTrainer):
                 t_w,
                 mask.to(device),
                 student_bias=_full_param(getattr(s_head, "bias", None)),
-                teacher_bias=t_b.to(device) if t_b is not None else None,
+                teacher_bias=t_b,
                 targets=targets.to(device).clamp(min=0),
                 kd_loss=args.kd_loss,
                 jsd_beta=args.jsd_beta,
@@ -468,8 +542,8 @@ class DistillationTrainer(SFTTrainer):
                 kd_weight=args.kd_weight,
                 ce_weight=args.ce_weight,
                 vocab_size=self.kd_vocab_size,
-                student_softcap=getattr(s_cfg, "final_logit_softcapping", None),
-                teacher_softcap=getattr(t_cfg, "final_logit_softcapping", None),
+                student_logit_transforms=self.student_logit_transforms,
+                teacher_logit_transforms=self.teacher_logit_transforms,
                 chunk_size=args.kd_chunk_size,
                 normalizer=normalizer,
                 return_components=True,
@@ -478,8 +552,8 @@ class DistillationTrainer(SFTTrainer):
         hs_loss = None
         hs_sum = torch.zeros((), device=device)
         if want_hidden:
-            s_states, s_norm = s_out.hidden_states, _final_norm(student)
-            t_norm = _final_norm(teacher)
+            s_states, s_norm = s_out.hidden_states, final_norm(student)
+            t_norm = final_norm(teacher)
             Ls, Lt = len(s_states) - 1, len(t_states) - 1
             hs_loss = 0.0
             for s_idx, t_idx in self.layer_pairs:
