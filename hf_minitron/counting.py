@@ -100,18 +100,21 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())  # parameters() yields tied tensors once
 
 
+def inactive_layer_params(layer: nn.Module, layout: ArchitectureLayout, top_k: int) -> int:
+    """Parameters of one decoder layer's routed experts a token does not use: ``(E - k) / E`` of them (0 without MoE)."""
+    if layout.moe is None or "moe" not in layout.layer_parts(layer):
+        return 0
+    experts = layer.get_submodule(layout.moe.experts)
+    num = getattr(experts, layout.moe.expert_down_proj).shape[0]
+    return _numel(experts) * (num - min(top_k, num)) // num
+
+
 def _inactive_expert_params(model: nn.Module, layout: ArchitectureLayout) -> int:
     """Parameters of the routed experts a token does not use: ``(E - k) / E`` of every MoE layer's experts."""
     if layout.moe is None:
         return 0
     top_k = getattr(model.config, layout.moe.top_k_field)
-    inactive = 0
-    for layer in layout.decoder_layers(model):
-        if "moe" in layout.layer_parts(layer):
-            experts = layer.get_submodule(layout.moe.experts)
-            num = getattr(experts, layout.moe.expert_down_proj).shape[0]
-            inactive += _numel(experts) * (num - min(top_k, num)) // num
-    return inactive
+    return sum(inactive_layer_params(layer, layout, top_k) for layer in layout.decoder_layers(model))
 
 
 def count_params(
