@@ -338,7 +338,7 @@ class SearchStage(Stage):
 
     def settings(self, ctx: RecipeContext) -> dict[str, Any]:
         a = ctx.args
-        return {"target_params": a.target_params, "tolerance": a.search_tolerance, "search_space": a.search_space,
+        return {"target_params": a.target_params, "target_active_params": a.target_active_params, "tolerance": a.search_tolerance, "search_space": a.search_space,
                 "max_candidates": a.search_max_candidates, "retrain_steps": a.search_retrain_steps, "use_lora": a.search_use_lora,
                 "seed": ctx.training_args.seed, **_prune_settings(ctx.prune_config, with_target=False)}
 
@@ -347,7 +347,8 @@ class SearchStage(Stage):
 
         a = ctx.args
         result = search_architectures(
-            inputs["teacher"], inputs["importance"], target_params=a.target_params, tolerance=a.search_tolerance,
+            inputs["teacher"], inputs["importance"], target_params=a.target_params,
+            target_active_params=a.target_active_params, tolerance=a.search_tolerance,
             search_space=a.search_space, max_candidates=a.search_max_candidates, retrain_steps=a.search_retrain_steps,
             train_dataset=inputs["train"], eval_dataset=inputs["held_out"], use_lora=a.search_use_lora, prune_config=ctx.prune_config,
             tokenizer=inputs["tokenizer"], seq_length=a.seq_length, seed=ctx.training_args.seed,

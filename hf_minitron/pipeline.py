@@ -104,6 +104,9 @@ class MinitronRecipeArguments(ModelDataArguments):
     # Architecture search (replaces the explicit target)
     search: bool = field(default=False, metadata={"help": "Search the pruned shape within ±tolerance of target_params."})
     target_params: float | None = field(default=None, metadata={"help": "Search target: a fraction (<= 1) or a count."})
+    target_active_params: float | None = field(
+        default=None, metadata={"help": "MoE search target: parameters used per token, a fraction (<= 1) or a count."}
+    )
     search_tolerance: float = field(default=0.05, metadata={"help": "Relative window around target_params."})
     search_space: str = field(default="all", metadata={"help": "all, width (depth fixed) or depth (width fixed)."})
     search_max_candidates: int = field(default=6, metadata={"help": "Candidates to evaluate."})
@@ -157,8 +160,13 @@ class MinitronRecipeArguments(ModelDataArguments):
             calibration_batch_size=self.calibration_batch_size,
         )
         if self.search:
-            if self.target_params is None or self.target_params <= 0:
-                raise ValueError("`search: true` needs `target_params` (a fraction such as 0.6, or a parameter count).")
+            if (self.target_params is None or self.target_params <= 0) and (
+                self.target_active_params is None or self.target_active_params <= 0
+            ):
+                raise ValueError(
+                    "`search: true` needs `target_params` (a fraction such as 0.6, or a parameter count) and/or, for MoE "
+                    "models, `target_active_params` (parameters used per token)."
+                )
             return config
         if all(getattr(config, k) is None for k in targets) and not config.layers_to_drop:
             raise ValueError("Nothing to prune: set at least one of hidden_size, intermediate_size, num_attention_heads, "
