@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .atomic import atomic_write_json, atomic_write_text, check_writable_dir, clean_stale_temp, kill_point, remove_dir
-from .config import MinitronPruneConfig
+from .config import TARGET_FIELDS, MinitronPruneConfig
 from .data import pack_texts
 from .evaluation import masked_nll, perplexity
 from .hub import check_hub_push, push_folder_to_hub, render_model_card
@@ -52,7 +52,7 @@ from .validation import check_token_ids
 logger = get_logger(__name__)
 
 _CALIBRATION_FIELDS = ("num_calibration_samples", "calibration_seq_length", "calibration_batch_size")
-_TARGET_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "layers_to_drop")
+_TARGET_FIELDS = TARGET_FIELDS + ("layers_to_drop",)
 # DistillationConfig fields that change neither the trained weights nor the data order: left out of the fingerprint.
 _TRAINING_FIELDS_WITHOUT_EFFECT = (
     "output_dir", "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",

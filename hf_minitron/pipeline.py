@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import MinitronPruneConfig
+from .config import TARGET_FIELDS, MinitronPruneConfig
 from .data import holdout_every, load_default_corpus, load_text_file
 from .logging import get_logger
 from .pruning import PROVENANCE_NAME, load_provenance
@@ -85,6 +85,11 @@ class MinitronRecipeArguments(ModelDataArguments):
     num_attention_heads: int | None = field(default=None, metadata={"help": "Target query heads."})
     num_key_value_heads: int | None = field(default=None, metadata={"help": "Target KV heads."})
     num_hidden_layers: int | None = field(default=None, metadata={"help": "Target layers."})
+    num_experts: int | None = field(default=None, metadata={"help": "MoE: target routed experts per layer."})
+    moe_intermediate_size: int | None = field(default=None, metadata={"help": "MoE: target width of each expert."})
+    shared_expert_intermediate_size: int | None = field(default=None, metadata={"help": "MoE: target shared-expert width."})
+    mamba_num_heads: int | None = field(default=None, metadata={"help": "Hybrid: target Mamba heads (a multiple of n_groups)."})
+    mamba_head_dim: int | None = field(default=None, metadata={"help": "Hybrid: target Mamba head dim."})
     layers_to_drop: list[int] | None = field(default=None, metadata={"help": "Explicit layers to drop."})
     depth_criterion: str = field(default="block_importance", metadata={"help": "block_importance or perplexity."})
     batch_aggregation: str = field(default="l2", metadata={"help": "l2, mean or var over samples."})
@@ -143,7 +148,7 @@ class MinitronRecipeArguments(ModelDataArguments):
         return self.model_name_or_path is None
 
     def prune_config(self) -> MinitronPruneConfig:
-        targets = {k: getattr(self, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
+        targets = {k: getattr(self, k) for k in TARGET_FIELDS}
         if self.uses_embedded_model and not self.search and all(v is None for v in targets.values()) and not self.layers_to_drop:
             targets.update(EMBEDDED_DEFAULT_TARGET)
         config = MinitronPruneConfig(

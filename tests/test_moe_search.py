@@ -144,3 +144,13 @@ def test_search_bad_inputs():
     # a fixed depth needs no scores to count
     result = search_architectures(hybrid, None, None, target_active_params=0.8, tolerance=0.2, search_space="width", max_candidates=2)
     assert all(c.sizes["num_hidden_layers"] == 6 for c in result)
+
+
+def test_recipe_arguments_take_the_block_targets_and_an_active_search_target():
+    from hf_minitron.pipeline import MinitronRecipeArguments
+
+    config = MinitronRecipeArguments(num_experts=4, moe_intermediate_size=16, mamba_num_heads=4).prune_config()
+    assert (config.num_experts, config.moe_intermediate_size, config.mamba_num_heads, config.hidden_size) == (4, 16, 4, None)
+    assert MinitronRecipeArguments(search=True, target_active_params=0.5).prune_config().num_experts is None
+    with pytest.raises(ValueError, match="target_active_params"):
+        MinitronRecipeArguments(search=True).prune_config()
