@@ -159,9 +159,10 @@ NEMOTRON_H_LAYOUT = ArchitectureLayout(
 )
 # GraniteMoeHybrid (Granite-4.0-H): `input_layernorm` -> Mamba2 or attention (`layer_types`) -> `post_attention_layernorm`
 # -> sparse MoE + an always-on shared MLP (fused [gate; up] `input_linear`), residuals scaled by a config scalar. The
-# Mamba width is tied to the integer `mamba_expand` x hidden_size.
+# Mamba width is tied to the integer `mamba_expand` x hidden_size. Logits are divided by `logits_scaling` (as Granite).
 GRANITEMOEHYBRID_LAYOUT = ArchitectureLayout(
     model_types=("granitemoehybrid",), **_NO_DENSE_MLP,
+    logit_transforms=(LogitTransform("divide", "logits_scaling"),),
     moe=MoELayout(
         router="block_sparse_moe.router", experts="block_sparse_moe.experts",
         shared_gate_up_proj="shared_mlp.input_linear", shared_down_proj="shared_mlp.output_linear",
@@ -183,7 +184,8 @@ GRANITEMOEHYBRID_LAYOUT = ArchitectureLayout(
 # Falcon-H1: every layer runs Mamba2 and attention in parallel from `input_layernorm` (outputs summed, each times a
 # config multiplier), then `pre_ff_layernorm` -> gated MLP. The Mamba width is `mamba_d_ssm` (or `mamba_expand` x
 # hidden_size when None); in_proj rows carry the per-section muP multipliers of the `mup_vector` buffer; the gated norm
-# (optional, `mamba_rms_norm`) may apply the gate after normalising (`norm_before_gate`).
+# (optional, `mamba_rms_norm`) may apply the gate after normalising (`norm_before_gate`). Logits are `lm_head` output x
+# `lm_head_multiplier`.
 FALCON_H1_LAYOUT = ArchitectureLayout(
     model_types=("falcon_h1",),
     final_norm="model.final_layernorm",
@@ -191,6 +193,7 @@ FALCON_H1_LAYOUT = ArchitectureLayout(
     down_proj="feed_forward.down_proj", mlp_norm="pre_ff_layernorm",
     per_layer_config_fields=(),  # `layer_types` is derived from num_hidden_layers (all "hybrid")
     layer_output_tuple=True,
+    logit_transforms=(LogitTransform("scale", "lm_head_multiplier"),),
     mamba=MambaLayout(
         num_heads_field="mamba_n_heads", head_dim_field="mamba_d_head", n_groups_field="mamba_n_groups",
         state_size_field="mamba_d_state", width_field="mamba_d_ssm", expand_field="mamba_expand",
