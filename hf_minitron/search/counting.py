@@ -175,11 +175,12 @@ class _ParamCounter:
                 self._build(s)
 
     def kept_layers(self, sizes: Mapping[str, int], prune_config: MinitronPruneConfig, importance: ImportanceScores | None) -> list[int]:
-        """Source indices of the layers pruning to ``sizes`` keeps (any ``n`` when every layer is alike)."""
+        """Source indices of the layers pruning to ``sizes`` keeps, ranked by ``importance`` as pruning ranks them (the
+        first ones when there are no scores and every layer is alike: the count is the same)."""
         num, target = len(self.layer_parts), sizes["num_hidden_layers"]
         if target == num:
             return list(range(num))
-        if len(self.kinds) == 1:
+        if importance is None and len(self.kinds) == 1:
             return list(range(target))
         return select_layers(num, prune_config, target, importance)
 

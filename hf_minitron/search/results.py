@@ -30,7 +30,8 @@ class Candidate:
         sizes: The target sizes (the search axes plus the unchanged ones such as ``head_dim``).
         active_params: Parameters used per token (``num_params`` minus the routed experts a token is not sent to;
             equal to ``num_params`` for models without experts). ``None`` in results saved before it existed.
-        kept_layers: Source indices of the layers pruning keeps (what the counts of mixed-layer models depend on).
+        kept_layers: Source indices of the layers pruning keeps (what the counts of mixed-layer models depend on;
+            the first ones when the search had no importance scores and every layer is alike).
         param_fraction: ``num_params`` / source parameters.
         target_deviation: ``num_params / target_params - 1`` (within ``±tolerance``; 0 without a total target).
         active_deviation: ``active_params / target_active_params - 1`` (``None`` without an active target).
