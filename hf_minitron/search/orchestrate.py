@@ -13,15 +13,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import MinitronPruneConfig
+from ..counting import active_params as _active_params
 from ..data import batch_samples, to_samples
 from ..importance import ImportanceScores, estimate_importance
-from ..logging import get_logger
 from ..importance.baselines import random_importance
+from ..logging import get_logger
 from ..pruning import prune_model
 from ..pruning.plan import make_plan
 from ..pruning.prune import check_plan_reloads
 from ..validation import check_prunable_model
-from ..counting import active_params as _active_params
 from .counting import _ParamCounter, _unique_numel
 from .evaluation import heldout_loss
 from .results import Candidate, SearchResult
