@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .architectures import ArchitectureLayout, LogitTransform, get_layout, register_layout, supported_model_types
 from .config import MinitronPruneConfig
 from .data import load_default_corpus, load_text_file
-from .distillation import DistillationConfig, DistillationTrainer
+from .distillation import DistillationConfig, DistillationTrainer, TeacherLogitCache, cache_teacher_logits
 from .importance import ImportanceScores, estimate_importance, estimate_importance_streaming
 from .pruning import PROVENANCE_NAME, load_provenance, prune_model, save_pruned_model
 from .search import Candidate, SearchResult, predict_num_params, search_architectures
@@ -32,5 +32,7 @@ __all__ = [
     "save_pruned_model",
     "search_architectures",
     "SearchResult",
+    "TeacherLogitCache",
+    "cache_teacher_logits",
     "supported_model_types",
 ]

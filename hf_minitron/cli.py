@@ -4,6 +4,7 @@
     hf-minitron importance --dataset_path text.txt --output scores.safetensors
     hf-minitron prune --importance scores.safetensors --hidden_size 432 --output_dir pruned
     hf-minitron distill --student pruned --output_dir distilled --max_steps 100
+    hf-minitron cache-teacher --output_dir teacher-cache --top_k 64   # then: distill ... --teacher_logits_cache teacher-cache
     hf-minitron search --target_params 0.6 --max_candidates 6 --output_dir search
     hf-minitron evaluate --model_name_or_path distilled
     hf-minitron correct-teacher --output_dir teacher-corrected --max_steps 50 --original_learning_rate 1e-4
@@ -141,7 +142,14 @@ def _distill(argv: list[str]) -> None:
     from .pruning import save_pruned_model
 
     data, distill_args, training_args = _parse((CommandDataArguments, DistillCommandArguments, DistillationConfig), argv)
-    teacher, tokenizer, train, _ = _texts_and_model(data)
+    if training_args.teacher_logits_cache:  # the teacher is not loaded: its tokenizer comes with the cache
+        from .distillation import TeacherLogitCache
+        from .pipeline import load_texts
+
+        teacher, tokenizer = None, TeacherLogitCache(training_args.teacher_logits_cache).tokenizer()
+        train, _ = load_texts(data.dataset_path, data.eval_dataset_path, data.eval_fraction)
+    else:
+        teacher, tokenizer, train, _ = _texts_and_model(data)
     student, _ = load_model_and_tokenizer(distill_args.student, dtype=data.model_dtype)
     blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
     dataset = Dataset.from_dict({"input_ids": [b.tolist() for b in blocks]})
@@ -201,6 +209,12 @@ def _search(argv: list[str]) -> None:
     print(f"Winner's config: {os.path.join(args.output_dir, 'minitron_prune_config.json')}")
 
 
+def _cache_teacher(argv: list[str]) -> None:
+    from .distillation.logit_cache import cache_teacher_main
+
+    cache_teacher_main(argv)
+
+
 COMMANDS = {
     "run": run_recipe,
     "importance": lambda argv: _importance(argv, save=True),
@@ -209,6 +223,7 @@ COMMANDS = {
     "search": _search,
     "evaluate": _evaluate,
     "correct-teacher": _correct_teacher,
+    "cache-teacher": _cache_teacher,
 }
 
 
