@@ -238,6 +238,24 @@ def test_packed_batches_are_split_by_position_ids(tmp_path):
         cache.batch_targets(input_ids, position_ids=position_ids)  # the padding run is needed now
 
 
+def test_packed_training_equals_live_at_full_vocab(tmp_path):
+    """SFT's BFD packing (padding-free rows of several samples): the cached loss equals the live one at k = V."""
+    teacher, ds = make_teacher(), make_dataset(n=16)
+    cache = _cache(tmp_path / "cache", teacher, ds, top_k=VOCAB, dtype="float32")
+    losses = {}
+    for mode in ("live", "cache"):
+        torch.manual_seed(0)
+        kw = dict(packing=True, max_length=64, per_device_train_batch_size=4, max_steps=1)
+        if mode == "cache":
+            kw["teacher_logits_cache"] = cache.path
+        trainer = DistillationTrainer(model=prune_student(make_teacher()), teacher_model=teacher if mode == "live" else None,
+                                      args=_args(tmp_path / mode, **kw), train_dataset=ds, processing_class=make_tokenizer())
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert "attention_mask" not in batch and (batch["position_ids"] == 0).sum() > 1  # several samples per row
+        losses[mode] = trainer.compute_loss(trainer.model, dict(batch)).item()
+    assert losses["cache"] == pytest.approx(losses["live"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------- resume, processes
 def test_killed_run_resumes_from_its_last_complete_shard(tmp_path, reference_cache):
     out = tmp_path / "cache"

@@ -303,15 +303,16 @@ class TeacherLogitCache:
         order = np.argsort(keys_all, kind="stable")
         self._keys, self._where = keys_all[order], where_all[order]
 
-    def find(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[int, int] | None:
-        """`(shard, local row)` of the cached row with exactly these tokens, or `None`."""
+    def find(self, tokens: Sequence[int] | np.ndarray | torch.Tensor, verify: bool = True) -> tuple[int, int] | None:
+        """`(shard, local row)` of the cached row with exactly these tokens, or `None`. `verify=False` trusts the
+        64-bit digest key without comparing the stored tokens (the up-front dataset check; batches always verify)."""
         if self._keys is None:
             self._build_index()
         tokens = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens, dtype=np.int64)
         key = np.frombuffer(row_digest(tokens)[:8], dtype="<u8")[0]
         lo, hi = np.searchsorted(self._keys, key, "left"), np.searchsorted(self._keys, key, "right")
         for s, r in self._where[lo:hi]:
-            if np.array_equal(self._row_tokens(int(s), int(r)), tokens):
+            if not verify or np.array_equal(self._row_tokens(int(s), int(r)), tokens):
                 return int(s), int(r)
         return None
 
@@ -398,7 +399,7 @@ class TeacherLogitCache:
         """`(count, [(dataset row, tokens), ...])` of the samples of a (prepared) dataset that are not in the cache."""
         count, examples = 0, []
         for i, tokens in _segments(dataset):
-            if tokens.size and self.find(tokens) is None:
+            if tokens.size and self.find(tokens, verify=False) is None:
                 count += 1
                 if len(examples) < limit:
                     examples.append((i, int(tokens.size)))
@@ -541,8 +542,8 @@ def _settings_diff(a: dict, b: dict) -> str:
 
 
 @torch.inference_mode()
-def _teacher_shard(teacher, head_w, head_b, steps, rows: list[np.ndarray], top_k: int, vocab: int, batch_size: int,
-                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _teacher_shard(teacher, head_w, head_b, steps, rows: list[np.ndarray], top_k: int, batch_size: int, chunk_size: int,
+                   progress=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids `[n, k]`, log-probs `[n, k]` (fp32) and tail log-mass `[n]` of every position of `rows`, in order.
     Only `[chunk_size, V]` logits exist at a time."""
     base = base_model(teacher)
@@ -581,6 +582,8 @@ def _teacher_shard(teacher, head_w, head_b, steps, rows: list[np.ndarray], top_k
             out_lp[starts[i] : starts[i] + n] = lp_b[at : at + n]
             out_lt[starts[i] : starts[i] + n] = lt_b[at : at + n]
             at += n
+        if progress is not None:
+            progress.update(int(mask.sum()))
     return out_ids, out_lp, out_lt
 
 
@@ -730,14 +733,17 @@ def cache_teacher_logits(
         f"Caching teacher logits: {len(rows)} rows, {int(rows.values.size):,} tokens, top-{top_k} {dtype_name}, "
         f"{num_shards} shard(s) of {per_shard} rows, {world} process(es); post-head transforms: {describe_transforms(steps)}"
     )
+    todo = [s for s in mine if _shard_fingerprint(os.path.join(out, _shard_name(s, num_shards))) != config_fp]
+    if len(todo) < len(mine):
+        logger.warning(f"Resuming the teacher-logit cache in {out}: {len(mine) - len(todo)} of this process's {len(mine)} shards are done.")
+    bounds = [(s * per_shard, min(len(rows), (s + 1) * per_shard)) for s in todo]
+    progress = tqdm(total=int(sum(rows.offsets[b] - rows.offsets[a] for a, b in bounds)), unit="tok",
+                    desc="Caching teacher logits", disable=not show_progress or rank != 0)
     try:
-        for s in tqdm(mine, desc="Caching teacher logits (shards)", disable=not show_progress or rank != 0):
+        for s, (r0, r1) in zip(todo, bounds):
             path = os.path.join(out, _shard_name(s, num_shards))
-            if os.path.isfile(path) and _shard_fingerprint(path) == config_fp:
-                continue
-            r0, r1 = s * per_shard, min(len(rows), (s + 1) * per_shard)
             shard_rows = [rows[i] for i in range(r0, r1)]
-            t_ids, t_lp, t_lt = _teacher_shard(teacher, head_w, head_b, steps, shard_rows, top_k, vocab, batch_size, chunk_size)
+            t_ids, t_lp, t_lt = _teacher_shard(teacher, head_w, head_b, steps, shard_rows, top_k, batch_size, chunk_size, progress)
             offsets = np.concatenate([[0], np.cumsum([r.size for r in shard_rows])]).astype(np.int64)
             tensors = {
                 "input_ids": torch.from_numpy(np.concatenate(shard_rows)).to(id_dtype),
@@ -757,6 +763,7 @@ def cache_teacher_logits(
             os.replace(tmp, path)
             done_here += 1
     finally:
+        progress.close()
         teacher.train(teacher_was_training)
     _barrier(state)
 
