@@ -859,11 +859,12 @@ def cache_teacher_main(argv: list[str]) -> TeacherLogitCache:
         hf-minitron cache-teacher --output_dir teacher-cache --top_k 64
         hf-minitron distill --student pruned --teacher_logits_cache teacher-cache --output_dir distilled
     """
-    from ..cli import CommandDataArguments, _parse, _texts_and_model
+    from ..cli import CommandDataArguments, RemoteCodeArguments, _parse, _setup, _texts_and_model
     from ..data import pack_texts
 
-    data, args = _parse((CommandDataArguments, CacheTeacherArguments), argv)
-    teacher, tokenizer, train, _ = _texts_and_model(data)
+    data, args, remote = _parse((CommandDataArguments, CacheTeacherArguments, RemoteCodeArguments), argv)
+    _setup()
+    teacher, tokenizer, train, _ = _texts_and_model(data, remote.trust_remote_code)
     rank, world, state = _dist_info()
     if getattr(state, "device", None) is not None:
         teacher.to(state.device)
