@@ -31,7 +31,8 @@ EMBEDDED_DEFAULT_TARGET = {"hidden_size": 432, "intermediate_size": 1024}
 STATE_NAME = "minitron_recipe_state.json"
 RESULTS_NAME = "minitron_results.json"
 # Folders the stages own inside output_dir (the final model may not take one of these names).
-STAGE_FOLDERS = ("teacher_corrected", "teacher_cache", "teacher_cache.partial", "importance", "search", "pruned", "distilled", "distill_checkpoints", "evaluation")
+STAGE_FOLDERS = ("teacher_corrected", "importance", "search", "pruned", "distilled", "distill_checkpoints", "evaluation", "teacher_cache",
+                 "teacher_cache.partial")
 
 
 @dataclass

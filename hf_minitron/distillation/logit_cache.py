@@ -424,7 +424,8 @@ class TeacherLogitCache:
                 f"{count} sample(s) of {name} are not in the teacher-logit cache {self.path} ({self.num_rows} rows of up "
                 f"to {self.seq_length} tokens), e.g. {where}. Train on the rows the cache was taken on "
                 "(`TeacherLogitCache(path).dataset()` gives them), untruncated (SFT `max_length` >= the longest "
-                "cached row) and unpacked or packed with `packing_strategy='bfd'`; or cache this data too."
+                "cached row) and unpacked or packed with `packing_strategy='bfd'` (command line: the same `--dataset_path`, "
+                "`--seq_length` and `--max_samples` as `hf-minitron cache-teacher`); or cache this data too."
             )
 
     # ---------------------------------------------------------------------------------------- batch targets
