@@ -7,7 +7,7 @@ from .config import MinitronPruneConfig
 from .counting import active_params, count_params
 from .data import load_default_corpus, load_text_file
 from .cloze import build_cloze_examples, write_cloze_task
-from .distillation import DistillationConfig, DistillationTrainer
+from .distillation import DistillationConfig, DistillationTrainer, TeacherLogitCache, cache_teacher_logits
 from .gguf_export import GGUFExport, export_gguf, gguf_round_trip
 from .harness import TaskEvaluation, TaskResult, evaluate_tasks
 from .importance import ImportanceScores, estimate_importance, estimate_importance_streaming
@@ -39,6 +39,8 @@ __all__ = [
     "save_pruned_model",
     "search_architectures",
     "SearchResult",
+    "TeacherLogitCache",
+    "cache_teacher_logits",
     "supported_model_types",
     "TaskEvaluation",
     "TaskResult",

@@ -4,6 +4,7 @@
     hf-minitron importance --dataset_path text.txt --output scores.safetensors
     hf-minitron prune --importance scores.safetensors --hidden_size 432 --output_dir pruned
     hf-minitron distill --student pruned --output_dir distilled --max_steps 100
+    hf-minitron cache-teacher --output_dir teacher-cache --top_k 64   # then: distill ... --teacher_logits_cache teacher-cache
     hf-minitron search --target_params 0.6 --max_candidates 6 --output_dir search
     hf-minitron evaluate --model_name_or_path distilled [--tasks minitron_cloze]   # lm-eval tasks: extra [eval]
     hf-minitron export-gguf distilled --outtype f16 --outfile distilled-f16.gguf  # llama.cpp's converter
@@ -219,7 +220,14 @@ def _distill(argv: list[str]) -> None:
 
     data, distill_args, training_args = _parse((CommandDataArguments, DistillCommandArguments, DistillationConfig), argv)
     _setup(log_level=_log_level(training_args))
-    teacher, tokenizer, train, _ = _texts_and_model(data, training_args.trust_remote_code)
+    if training_args.teacher_logits_cache:  # the teacher is not loaded: its tokenizer comes with the cache
+        from .distillation import TeacherLogitCache
+        from .pipeline import load_texts
+
+        teacher, tokenizer = None, TeacherLogitCache(training_args.teacher_logits_cache).tokenizer()
+        train, _ = load_texts(data.dataset_path, data.eval_dataset_path, data.eval_fraction)
+    else:
+        teacher, tokenizer, train, _ = _texts_and_model(data, training_args.trust_remote_code)
     student, _ = load_model_and_tokenizer(distill_args.student, dtype=data.model_dtype, trust_remote_code=training_args.trust_remote_code)
     blocks = pack_texts(train, tokenizer, data.seq_length, data.max_samples)
     dataset = Dataset.from_dict({"input_ids": [b.tolist() for b in blocks]})
@@ -277,6 +285,12 @@ def _search(argv: list[str]) -> None:
         print(f"Winner's config: {os.path.join(args.output_dir, 'minitron_prune_config.json')}")
 
 
+def _cache_teacher(argv: list[str]) -> None:
+    from .distillation.logit_cache import cache_teacher_main
+
+    cache_teacher_main(argv)
+
+
 COMMANDS = {
     "run": run_recipe,
     "importance": lambda argv: _importance(argv, save=True),
@@ -286,6 +300,7 @@ COMMANDS = {
     "evaluate": run_evaluate,
     "correct-teacher": _correct_teacher,
     "export-gguf": run_export_gguf,
+    "cache-teacher": _cache_teacher,
 }
 
 

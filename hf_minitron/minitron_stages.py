@@ -8,12 +8,15 @@ calibration / train /     tokenizer, teacher (config)                calibration
 held_out                                                             held_out token blocks   seq_length, caps
 teacher_correction        teacher, tokenizer, train, held_out        teacher (corrected)     steps, LR, LoRA
 (teacher_corrected/)
+teacher_cache             teacher, tokenizer, train                  teacher_cache           top_k, dtype
+(teacher_cache/)
 importance (importance/)  teacher, calibration                       importance              aggregations
-target / search           - / teacher, importance, train, held_out   prune_config            target / search
-(search/)
+target / search           - / teacher, importance, train, held_out,  prune_config            target / search
+(search/)                 [teacher_cache]
 prune (pruned/)           teacher, tokenizer, importance,            pruned                  -
                           prune_config
-distill (distilled/)      pruned, teacher, tokenizer, train          distilled, distill_log  DistillationConfig
+distill (distilled/)      pruned, teacher, tokenizer, train,         distilled, distill_log  DistillationConfig
+                          [teacher_cache]
 evaluate (evaluation/)    teacher, pruned, held_out, [distilled]     results                 -
 export (<final_subdir>/)  pruned / distilled, tokenizer, importance  final_dir               hub_model_id
 push                      final_dir                                  hub_commit              repo, private
@@ -107,6 +110,7 @@ class RecipeContext(StageContext):
         push = training_args.push_to_hub
         training_args.push_to_hub = False  # the final folder (with its card) is pushed once, by the push stage
         hub_token = check_hub_push(training_args.hub_model_id, training_args.hub_token) if push else None
+        _check_teacher_cache_options(args, training_args)
         out = os.path.abspath(training_args.output_dir)
         ctx = cls(output_dir=out, resume=args.resume, state_file=os.path.join(out, STATE_NAME), args=args,
                   training_args=training_args, prune_config=args.prune_config(), hub_token=hub_token, push=push)
@@ -143,6 +147,25 @@ class RecipeContext(StageContext):
             results["hub_commit"] = art.get("hub_commit")
         results["stages"] = {k: {"action": v["action"], "seconds": v["seconds"]} for k, v in self.report.items() if v["action"] != "not needed"}
         return results
+
+
+def _check_teacher_cache_options(args: MinitronRecipeArguments, training_args) -> None:
+    """The recipe takes its cache as a stage (``--teacher_cache``); refuse what a cache cannot serve before any work."""
+    if getattr(training_args, "teacher_logits_cache", None):
+        raise ValueError(
+            f"`teacher_logits_cache={training_args.teacher_logits_cache!r}` is for `hf-minitron distill` / DistillationTrainer. "
+            "The recipe takes the cache itself, on its own training rows and (corrected) teacher: use `--teacher_cache` "
+            "(with `--teacher_cache_top_k`, `--teacher_cache_dtype`) and leave `teacher_logits_cache` unset."
+        )
+    if args.teacher_cache and not args.skip_distillation:  # (search retraining uses its own forward-KL defaults)
+        from .distillation.config import check_cache_options
+
+        probe = copy.copy(training_args)
+        probe.teacher_logits_cache = "<output_dir>/teacher_cache"
+        try:
+            check_cache_options(probe)
+        except ValueError as err:
+            raise ValueError(f"--teacher_cache: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -279,6 +302,58 @@ class TeacherCorrectionStage(Stage):
         return f"teacher perplexity before {outputs['teacher_correction']['teacher_perplexity_before']:.2f}"
 
 
+# ---------------------------------------------------------------------------------------------- teacher-logit cache
+class TeacherCacheStage(Stage):
+    """The teacher's top-k log-probabilities and tail mass on the training rows, taken once (``--teacher_cache``).
+
+    Search retraining and distillation read it instead of running the teacher (``teacher_model=None``); its
+    fingerprint covers the teacher (corrected or not), the tokenizer, the training rows, ``top_k`` and the dtype, so
+    changing any of them recomputes it and everything that trained from it. The cache is written into
+    ``teacher_cache.partial/`` (resumable shard by shard after a kill; every process writes its own shards) and
+    moved into ``teacher_cache/`` once complete.
+    """
+
+    name, inputs, outputs = "teacher_cache", ("teacher", "tokenizer", "train"), ("teacher_cache",)
+
+    def enabled(self, ctx: RecipeContext) -> bool:
+        return ctx.args.teacher_cache
+
+    def partial_folder(self, ctx: RecipeContext) -> str:
+        return os.path.join(ctx.output_dir, "teacher_cache.partial")
+
+    def settings(self, ctx: RecipeContext) -> dict[str, Any]:
+        return {"top_k": ctx.args.teacher_cache_top_k, "logprob_dtype": ctx.args.teacher_cache_dtype}
+
+    def run(self, ctx: RecipeContext, inputs) -> dict[str, Any]:
+        from .distillation import cache_teacher_logits
+
+        # overwrite=True: a partial cache of other settings (an older run's) is replaced, one of these settings resumed
+        cache = cache_teacher_logits(
+            inputs["teacher"], inputs["train"], self.partial_folder(ctx), top_k=ctx.args.teacher_cache_top_k,
+            dtype=ctx.args.teacher_cache_dtype, tokenizer=inputs["tokenizer"], overwrite=True,
+            show_progress=ctx.is_main_process and progress_enabled(),
+        )
+        info = {"top_k": cache.top_k, "logprob_dtype": cache.logprob_dtype, "rows": cache.num_rows, "tokens": cache.num_tokens,
+                "bytes": cache.disk_bytes()}
+        return {"teacher_cache": self.folder(ctx), "_info": info}
+
+    def save(self, ctx, outputs, folder) -> None:
+        partial = self.partial_folder(ctx)
+        for name in os.listdir(partial):  # same file system: renames, no copy
+            os.replace(os.path.join(partial, name), os.path.join(folder, name))
+        os.rmdir(partial)
+
+    def load(self, ctx, folder) -> dict[str, Any]:
+        return {"teacher_cache": folder}
+
+    def info(self, outputs) -> dict[str, Any]:
+        return outputs["_info"]
+
+    def summary(self, outputs) -> str:
+        i = outputs["_info"]
+        return f"top-{i['top_k']} {i['logprob_dtype']}, {i['tokens']:,} tokens, {i['bytes'] / i['tokens']:.0f} bytes/token"
+
+
 # ---------------------------------------------------------------------------------------------- importance and target
 class ImportanceStage(Stage):
     """Activation importance of heads, neurons, channels and layers (arXiv 2407.14679 §2.2)."""
@@ -332,6 +407,7 @@ class SearchStage(Stage):
 
     name, outputs = "search", ("prune_config", "search_result")
     inputs = ("teacher", "importance", "tokenizer", "train", "held_out")
+    optional_inputs = ("teacher_cache",)
 
     def enabled(self, ctx: RecipeContext) -> bool:
         return ctx.args.search
@@ -346,12 +422,17 @@ class SearchStage(Stage):
         from .search import search_architectures
 
         a = ctx.args
+        retrain_fn = None
+        if "teacher_cache" in inputs and a.search_retrain_steps > 0:  # every candidate retrains from the one cache
+            from .distillation import cached_teacher_retrain_fn
+
+            retrain_fn = cached_teacher_retrain_fn(inputs["teacher_cache"], inputs["tokenizer"], use_lora=a.search_use_lora)
         result = search_architectures(
             inputs["teacher"], inputs["importance"], target_params=a.target_params,
             target_active_params=a.target_active_params, tolerance=a.search_tolerance,
             search_space=a.search_space, max_candidates=a.search_max_candidates, retrain_steps=a.search_retrain_steps,
             train_dataset=inputs["train"], eval_dataset=inputs["held_out"], use_lora=a.search_use_lora, prune_config=ctx.prune_config,
-            tokenizer=inputs["tokenizer"], seq_length=a.seq_length, seed=ctx.training_args.seed,
+            tokenizer=inputs["tokenizer"], seq_length=a.seq_length, seed=ctx.training_args.seed, retrain_fn=retrain_fn,
         )
         if ctx.is_main_process:
             logger.info(f"Architecture search (best first):\n{result.to_table()}")
@@ -414,6 +495,7 @@ class DistillStage(Stage):
     """Knowledge distillation of the pruned student from the teacher; resumes from its own checkpoints."""
 
     name, inputs, outputs = "distill", ("pruned", "teacher", "tokenizer", "train"), ("distilled", "distill_log")
+    optional_inputs = ("teacher_cache",)  # with --teacher_cache: trains from it; the teacher is not loaded
     mutates = ("pruned",)
 
     def enabled(self, ctx: RecipeContext) -> bool:
@@ -462,6 +544,9 @@ class DistillStage(Stage):
         from .distillation import DistillationTrainer
 
         run_args = self.training_args(ctx)
+        teacher = inputs["teacher"] if "teacher_cache" not in inputs else None
+        if teacher is None:
+            run_args.teacher_logits_cache = inputs["teacher_cache"]
         last = self._checkpoints(ctx, run_args.output_dir)
         student = inputs["pruned"]
         provenance = student.minitron_provenance
@@ -478,7 +563,7 @@ class DistillStage(Stage):
             if last:
                 logger.info(f"Resuming distillation from {last}")
             trainer = DistillationTrainer(
-                model=student, teacher_model=inputs["teacher"], args=run_args, train_dataset=_dataset(inputs["train"]),
+                model=student, teacher_model=teacher, args=run_args, train_dataset=_dataset(inputs["train"]),
                 processing_class=inputs["tokenizer"], callbacks=[_KillAtCheckpoint()],
             )
             train_output = trainer.train(resume_from_checkpoint=last)
@@ -641,6 +726,7 @@ def minitron_stages() -> list[Stage]:
         TrainDataStage(),
         HeldOutDataStage(),
         TeacherCorrectionStage(),
+        TeacherCacheStage(),
         ImportanceStage(),
         TargetStage(),
         SearchStage(),
@@ -665,6 +751,7 @@ __all__ = [
     "SearchStage",
     "SourceModelStage",
     "TargetStage",
+    "TeacherCacheStage",
     "TeacherCorrectionStage",
     "TrainDataStage",
     "minitron_stages",

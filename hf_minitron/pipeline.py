@@ -31,7 +31,8 @@ EMBEDDED_DEFAULT_TARGET = {"hidden_size": 432, "intermediate_size": 1024}
 STATE_NAME = "minitron_recipe_state.json"
 RESULTS_NAME = "minitron_results.json"
 # Folders the stages own inside output_dir (the final model may not take one of these names).
-STAGE_FOLDERS = ("teacher_corrected", "importance", "search", "pruned", "distilled", "distill_checkpoints", "evaluation")
+STAGE_FOLDERS = ("teacher_corrected", "importance", "search", "pruned", "distilled", "distill_checkpoints", "evaluation", "teacher_cache",
+                 "teacher_cache.partial")
 
 
 @dataclass
@@ -122,6 +123,14 @@ class MinitronRecipeArguments(ModelDataArguments):
         metadata={"help": "Torch threads per process on a machine without GPU (default: all cores / processes; "
                   "`accelerate launch` would otherwise leave 1)."},
     )
+    # Teacher-logit cache (one teacher pass; search candidates and distillation then train from it)
+    teacher_cache: bool = field(
+        default=False,
+        metadata={"help": "Run the teacher once over the training rows and keep its top-k log-probabilities (teacher_cache/); "
+                  "search retraining and distillation then train from them without the teacher (forward KL, τ = 1)."},
+    )
+    teacher_cache_top_k: int = field(default=64, metadata={"help": "Teacher tokens stored per position (with --teacher_cache)."})
+    teacher_cache_dtype: str = field(default="float16", metadata={"help": "Stored log-prob dtype: float16, bfloat16, float32 (exact)."})
     # Stages
     skip_distillation: bool = field(default=False, metadata={"help": "Stop after pruning (zero-shot model)."})
     final_subdir: str = field(default="final", metadata={"help": "Sub-folder of output_dir for the final model (what is pushed)."})
@@ -141,6 +150,13 @@ class MinitronRecipeArguments(ModelDataArguments):
                 f"`final_subdir` must name a new sub-folder of output_dir for the final model (default 'final'), got "
                 f"{self.final_subdir!r}: not empty, not absolute, not hidden, not '..', not a stage folder {list(STAGE_FOLDERS)}."
             )
+        if self.teacher_cache:
+            from .distillation.logit_cache import LOGPROB_DTYPES
+
+            if isinstance(self.teacher_cache_top_k, bool) or not isinstance(self.teacher_cache_top_k, int) or self.teacher_cache_top_k < 1:
+                raise ValueError(f"`teacher_cache_top_k` must be a positive integer (e.g. 64), got {self.teacher_cache_top_k!r}.")
+            if self.teacher_cache_dtype not in LOGPROB_DTYPES:
+                raise ValueError(f"`teacher_cache_dtype` must be one of {sorted(LOGPROB_DTYPES)}, got {self.teacher_cache_dtype!r}.")
         self.prune_config()  # validate the target before any model is loaded
 
     @property

@@ -440,6 +440,96 @@ def _(env):
     env.cli("frobnicate")
 
 
+def _cache_on_corpus(env, seq_length: int = 32, max_samples: int = 8) -> str:
+    """`hf-minitron cache-teacher` on the tiny recipe teacher and corpus; returns the cache folder."""
+    folder = env.path("cache")
+    env.cli("cache-teacher", "--model_name_or_path", env.model_dir, "--dataset_path", env.corpus, "--seq_length", str(seq_length),
+            "--max_samples", str(max_samples), "--top_k", "4", "--output_dir", folder)
+    return folder
+
+
+def _cache_trainer(env, cache: str, **kwargs):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_minitron import DistillationConfig, DistillationTrainer, TeacherLogitCache
+
+    student = AutoModelForCausalLM.from_pretrained(env.model_dir)
+    tokenizer = kwargs.pop("processing_class", None) or AutoTokenizer.from_pretrained(env.model_dir)
+    train = kwargs.pop("train_dataset", None) or TeacherLogitCache(cache).dataset()
+    args = DistillationConfig(env.path("run"), teacher_logits_cache=cache, max_steps=1, report_to="none", use_cpu=True, bf16=False,
+                              **kwargs)
+    return DistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=train, processing_class=tokenizer)
+
+
+@trigger("cache-other-tokenizer")
+def _(env):
+    _cache_trainer(env, _cache_on_corpus(env), processing_class=word_tokenizer("alpha beta gamma"))
+
+
+@trigger("cache-other-data")
+def _(env):
+    from datasets import Dataset
+
+    _cache_trainer(env, _cache_on_corpus(env), train_dataset=Dataset.from_dict({"input_ids": [[5, 6, 7, 8, 9, 10]] * 4}))
+
+
+@trigger("cache-temperature")
+def _(env):
+    from hf_minitron import DistillationConfig
+
+    DistillationConfig(env.path("run"), teacher_logits_cache=env.path("cache"), temperature=2.0)
+
+
+@trigger("cache-and-teacher")
+def _(env):
+    from transformers import AutoModelForCausalLM
+
+    from hf_minitron import DistillationConfig, DistillationTrainer
+
+    cache = _cache_on_corpus(env)
+    model = AutoModelForCausalLM.from_pretrained(env.model_dir)
+    DistillationTrainer(model=model, teacher_model=model, args=DistillationConfig(env.path("run"), teacher_logits_cache=cache))
+
+
+@trigger("cache-incomplete")
+def _(env):
+    from hf_minitron import TeacherLogitCache
+
+    env.monkeypatch.setenv("HF_MINITRON_CACHE_KILL_AFTER_SHARDS", "1")
+    folder = env.path("cache")
+    code = (
+        "from hf_minitron.cli import main\n"
+        f"main(['cache-teacher', '--model_name_or_path', {env.model_dir!r}, '--dataset_path', {env.corpus!r}, '--seq_length', '32', "
+        f"'--max_samples', '8', '--rows_per_shard', '2', '--top_k', '4', '--output_dir', {folder!r}])\n"
+    )
+    subprocess.run([sys.executable, "-c", code], capture_output=True, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    TeacherLogitCache(folder)
+
+
+@trigger("cli-distill-cache-other-data")
+def _(env):
+    cache = _cache_on_corpus(env, seq_length=32)
+    student = env.path("student")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(env.model_dir).save_pretrained(student)
+    AutoTokenizer.from_pretrained(env.model_dir).save_pretrained(student)
+    env.cli("distill", "--student", student, "--teacher_logits_cache", cache, "--dataset_path", env.corpus, "--seq_length", "16",
+            "--max_samples", "8", "--max_steps", "1", "--output_dir", env.path("distilled"), "--use_cpu", "true", "--bf16", "false",
+            "--report_to", "none")
+
+
+@trigger("cli-recipe-teacher-logits-cache")
+def _(env):
+    env.recipe("--teacher_logits_cache", env.path("cache"))
+
+
+@trigger("cli-teacher-cache-temperature")
+def _(env):
+    env.recipe("--teacher_cache", "true", "--temperature", "2.0")
+
+
 # ------------------------------------------------------------------------------------------------ YAML
 @trigger("yaml-unknown-field")
 def _(env):

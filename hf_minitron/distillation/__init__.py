@@ -6,9 +6,14 @@ Example:
 >>> from hf_minitron.distillation import DistillationConfig, DistillationTrainer
 >>> args = DistillationConfig("out", hidden_state_loss="cosine", max_steps=1000)
 >>> DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds).train()
+>>> # or without the teacher in memory: cache its top-k logits once, distil many students from them
+>>> cache = cache_teacher_logits(teacher, ds, "teacher-cache", top_k=64, tokenizer=tokenizer)
+>>> args = DistillationConfig("out", teacher_logits_cache="teacher-cache", max_steps=1000)
+>>> DistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=ds).train()
 ```
 """
 
+from .cached_teacher import cached_teacher_retrain_fn, ensure_search_cache
 from .config import DistillationConfig
 from .layer_map import get_provenance, resolve_layer_map
 from .losses import (
@@ -19,6 +24,8 @@ from .losses import (
     hidden_state_loss,
     kd_loss_from_logits,
 )
+from .logit_cache import TeacherLogitCache, cache_teacher_logits
+from .topk_loss import fused_linear_topk_kd_loss, topk_kd_loss_from_logits
 from .trainer import PROJECTION_FILE, DistillationTrainer
 
 
@@ -38,4 +45,10 @@ __all__ = [
     "KD_LOSSES",
     "HIDDEN_STATE_LOSSES",
     "PROJECTION_FILE",
+    "TeacherLogitCache",
+    "cache_teacher_logits",
+    "cached_teacher_retrain_fn",
+    "ensure_search_cache",
+    "fused_linear_topk_kd_loss",
+    "topk_kd_loss_from_logits",
 ]

@@ -29,6 +29,31 @@ def apply_cpu_defaults(config: SFTConfig) -> None:
         config.gradient_checkpointing = False
 
 
+def check_cache_options(config: DistillationConfig) -> None:
+    """Refuse, with what to change, the options a teacher-logit cache cannot serve."""
+    path = config.teacher_logits_cache
+    if config.hidden_state_loss != "none":
+        raise ValueError(
+            f"`hidden_state_loss={config.hidden_state_loss!r}` compares intermediate hidden states, which a teacher-logit "
+            f"cache ({path}) does not store: distil from the live teacher for hidden-state losses, or set "
+            "`hidden_state_loss='none'`."
+        )
+    if config.kd_loss != "forward_kl":
+        raise ValueError(
+            f"`kd_loss={config.kd_loss!r}` needs the teacher's full distribution; a teacher-logit cache stores its top-k "
+            "tokens and tail mass, on which hf-minitron computes the exact forward KL. Use `kd_loss='forward_kl'` (the "
+            "Minitron loss) or the live teacher."
+        )
+    if config.temperature != 1.0:
+        raise ValueError(
+            f"`temperature={config.temperature}` with a teacher-logit cache: the cache holds the teacher's τ = 1 top-k "
+            "log-probabilities and tail mass. Softening to τ ≠ 1 rescales every tail token's probability by its own "
+            "q^(1/τ), which depends on how the tail mass is spread over the V - k tokens the cache does not keep, so "
+            "the τ-softened distribution cannot be recovered from it. Use `temperature=1.0` (Minitron's setting) or "
+            "the live teacher."
+        )
+
+
 @dataclass
 class DistillationConfig(SFTConfig):
     r"""
@@ -73,6 +98,11 @@ class DistillationConfig(SFTConfig):
             Tokens per chunk of the fused `lm_head` + divergence; bounds the logits memory to `2 · chunk · V` floats.
         projection_learning_rate (`float`, *optional*):
             Learning rate of the hidden-state projection; defaults to `learning_rate`.
+        teacher_logits_cache (`str`, *optional*):
+            Folder of a teacher-logit cache ([`cache_teacher_logits`]): train from the stored teacher top-k
+            log-probabilities + tail mass instead of a live teacher (`teacher_model=None`). The loss is the exact
+            forward KL over the top-k tokens plus one tail bucket (equal to the full forward KL when the cache has
+            k = V in float32). Needs `kd_loss="forward_kl"`, `temperature=1.0` and `hidden_state_loss="none"`.
     """
 
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
@@ -100,6 +130,9 @@ class DistillationConfig(SFTConfig):
     kd_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the fused logit loss."})
     projection_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the hidden-state projection (default: learning_rate)."}
+    )
+    teacher_logits_cache: str | None = field(
+        default=None, metadata={"help": "Teacher-logit cache folder (`hf-minitron cache-teacher`): distil without the teacher."}
     )
 
     def __post_init__(self):
@@ -137,6 +170,8 @@ class DistillationConfig(SFTConfig):
                     "`hidden_state_layer_map` must be 'auto', a list of teacher layer indices or of "
                     f"[student, teacher] pairs, got {self.hidden_state_layer_map!r}."
                 ) from None
+        if self.teacher_logits_cache is not None:
+            check_cache_options(self)
         if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_state_loss == "none":
             raise ValueError("All loss weights are zero: set `kd_weight`, `ce_weight` or `hidden_state_loss`.")
         if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_state_weight == "dynamic":

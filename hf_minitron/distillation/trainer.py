@@ -28,6 +28,7 @@ from .checks import (
     output_head,
     resolve_logit_transforms_checked,
 )
+from .cached_teacher import cached_distill_loss, open_cache_for_training, student_vocab
 from .config import DistillationConfig
 from .layer_map import final_norm, get_provenance, resolve_layer_map
 from .losses import fused_linear_kd_loss, hidden_state_loss
@@ -123,13 +124,20 @@ class DistillationTrainer(SFTTrainer):
     `train()` neither model carries an instance-level `forward` patch added by TRL or accelerate, so copies of them
     (how further students are pruned) run their own weights.
 
+    Teacher-logit cache: with `DistillationConfig(teacher_logits_cache=path)` and `teacher_model=None` the teacher is
+    not loaded at all; each batch reads the teacher's stored top-k log-probabilities and tail mass
+    ([`cache_teacher_logits`]) and the loss is the exact forward KL over those k + 1 buckets
+    ([`fused_linear_topk_kd_loss`]). Rows are matched to the cache by their tokens, and every sample of the train and
+    eval datasets is checked against it at construction; the cache's tokenizer must be the student's.
+
     PEFT: adapters anywhere but on `lm_head`; `modules_to_save=["lm_head"]` trains a full copy of the head through
     the fused loss. An adapter layer on `lm_head` (or on the teacher's) raises a `ValueError`.
 
     Args:
         model: The student (model or path), as in [`~trl.SFTTrainer`].
         teacher_model: The teacher (model or path; `args.teacher_model_init_kwargs` when a path). It must share the
-            student's tokenizer; `lm_head`s padded beyond the tokenizer are compared on their common rows.
+            student's tokenizer; `lm_head`s padded beyond the tokenizer are compared on their common rows. `None`
+            with `args.teacher_logits_cache`.
         args ([`DistillationConfig`]): Training and distillation options.
         Other arguments are those of [`~trl.SFTTrainer`].
 
@@ -154,7 +162,7 @@ class DistillationTrainer(SFTTrainer):
     def __init__(
         self,
         model: str | PreTrainedModel | nn.Module,
-        teacher_model: str | PreTrainedModel | nn.Module,
+        teacher_model: str | PreTrainedModel | nn.Module | None = None,
         args: DistillationConfig | None = None,
         data_collator: Callable | None = None,
         train_dataset: Any = None,
@@ -173,10 +181,13 @@ class DistillationTrainer(SFTTrainer):
             args = DistillationConfig(f"{str(name).split('/')[-1] or 'student'}-Distill")
         if not isinstance(args, DistillationConfig):
             raise ValueError(f"`args` must be a `DistillationConfig`, got {type(args).__name__}.")
-        if teacher_model is None:
-            raise ValueError("`teacher_model` is required.")
+        self.logit_cache = None
+        if args.teacher_logits_cache is not None:  # distil from stored teacher top-k log-probabilities
+            self.logit_cache, processing_class = open_cache_for_training(model, teacher_model, args, processing_class)
+        elif teacher_model is None:
+            raise ValueError("`teacher_model` is required (or a teacher-logit cache: `DistillationConfig(teacher_logits_cache=...)`).")
 
-        teacher_dir = checkpoint_dir(teacher_model)
+        teacher_dir = checkpoint_dir(teacher_model) if teacher_model is not None else None
         if isinstance(teacher_model, str):
             init_kwargs = dict(args.teacher_model_init_kwargs or {})
             dtype = init_kwargs.get("dtype")
@@ -194,15 +205,17 @@ class DistillationTrainer(SFTTrainer):
         check_peft_config(model, peft_config)
         if isinstance(model, nn.Module):
             output_head(model, "student")
-        output_head(teacher_model, "teacher")
-        processing_class = self._check_tokenizers(model, teacher_model, teacher_dir, processing_class)
-        # Post-head logit transforms (registry data), verified against each model's own `.logits` on 4 tokens
-        self.teacher_logit_transforms = resolve_logit_transforms_checked(teacher_model, "teacher", check_backbone=True)
+        self.teacher_logit_transforms = ()
+        if teacher_model is not None:
+            output_head(teacher_model, "teacher")
+            processing_class = self._check_tokenizers(model, teacher_model, teacher_dir, processing_class)
+            # Post-head logit transforms (registry data), verified against each model's own `.logits` on 4 tokens
+            self.teacher_logit_transforms = resolve_logit_transforms_checked(teacher_model, "teacher", check_backbone=True)
         student_steps = resolve_logit_transforms_checked(model, "student") if isinstance(model, nn.Module) else None
         # Instance patches present now are the user's (e.g. `device_map` hooks); the ones trainers add are removed
         # when the models are handed back (see `train`)
         self._student_patches = instance_patches(model) if isinstance(model, nn.Module) else {}
-        self._teacher_patches = instance_patches(teacher_model)
+        self._teacher_patches = instance_patches(teacher_model) if teacher_model is not None else {}
 
         super().__init__(
             model,
@@ -225,7 +238,10 @@ class DistillationTrainer(SFTTrainer):
         # is fused with the head itself. Removing it keeps copies of the student running their own weights.
         strip_instance_patches(student, keep=self._student_patches)
         output_head(student, "student")  # after PEFT wrapping
-        self.kd_vocab_size = self._resolve_vocab(student, teacher_model)
+        if self.logit_cache is not None:
+            self.kd_vocab_size = student_vocab(self.logit_cache, student, self.processing_class)
+        else:
+            self.kd_vocab_size = self._resolve_vocab(student, teacher_model)
         if student_steps is None:  # the student was a path
             student_steps = resolve_logit_transforms_checked(student, "student")
         self.student_logit_transforms = student_steps
@@ -235,14 +251,20 @@ class DistillationTrainer(SFTTrainer):
                 f"teacher {describe_transforms(self.teacher_logit_transforms)}"
             )
 
-        # Frozen teacher: no grads, eval mode (dropout off), prepared like TRL's GKDTrainer
-        teacher_model.requires_grad_(False)
-        teacher_model.eval()
-        if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        if self.logit_cache is not None:
+            # No teacher: every sample must have its cached row (checked now, before any training step)
+            self.teacher_model = None
+            self.logit_cache.check_dataset(self.train_dataset, "train_dataset")
+            self.logit_cache.check_dataset(self.eval_dataset, "eval_dataset")
         else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        self.teacher_model.eval()
+            # Frozen teacher: no grads, eval mode (dropout off), prepared like TRL's GKDTrainer
+            teacher_model.requires_grad_(False)
+            teacher_model.eval()
+            if self.is_deepspeed_enabled:
+                self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            else:
+                self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+            self.teacher_model.eval()
         self._teacher_head_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
         # The chunked loss reads `lm_head.weight` after the backbone; running it inside the wrapper's forward keeps
@@ -387,7 +409,8 @@ class DistillationTrainer(SFTTrainer):
             return super().train(*args, **kwargs)
         finally:
             strip_instance_patches(self.accelerator.unwrap_model(self.model), keep=self._student_patches)
-            strip_instance_patches(self.accelerator.unwrap_model(self.teacher_model), keep=self._teacher_patches)
+            if self.teacher_model is not None:
+                strip_instance_patches(self.accelerator.unwrap_model(self.teacher_model), keep=self._teacher_patches)
 
     @property
     def _dynamic_alpha(self) -> bool:
@@ -491,6 +514,8 @@ class DistillationTrainer(SFTTrainer):
         self, student: nn.Module, inputs: dict, num_items_in_batch
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """`(logit_loss, hidden_state_loss or None, stats)`; runs inside the student wrapper's forward."""
+        if self.logit_cache is not None:
+            return cached_distill_loss(self, student, inputs, num_items_in_batch)
         args = self.args
         want_hidden = args.hidden_state_loss != "none"
         model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
