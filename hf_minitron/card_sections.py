@@ -114,8 +114,11 @@ def render_gguf_files(exports: Sequence[Any], title: str = "## GGUF files (llama
     return f"{title}\n\n{body}" if title else body
 
 
+LOCAL_FOLDER = "path/to/this/folder"
+
+
 def render_how_to_run(
-    repo_id: str,
+    repo_id: str | None,
     gguf_file: str | None = None,
     tested: Mapping[str, str] | None = None,
     title: str = "## How to run",
@@ -124,13 +127,16 @@ def render_how_to_run(
 
     ``tested`` maps an engine (``"transformers"``, ``"vllm"``, ``"llama.cpp"``) to what was actually run, e.g.
     ``{"transformers": "loaded and evaluated by hf-minitron 0.1.0 with transformers 5.24.0"}``. Engines missing
-    from it are marked *not tested*; only give evidence of a run that happened.
+    from it are marked *not tested*; only give evidence of a run that happened. ``repo_id=None`` (not on the Hub
+    yet) gives local-folder commands (``llama-cli -m``) instead of Hub ones.
 
     Example:
         >>> block = render_how_to_run("me/smollm2-pruned", "smollm2-pruned-f16.gguf", {"transformers": "loaded"})
         >>> "Not tested" in block and "Tested: loaded" in block
         True
     """
+    local = repo_id is None
+    repo_id = LOCAL_FOLDER if local else repo_id
     tested = dict(tested or {})
     unknown = sorted(set(tested) - set(ENGINES))
     if unknown:
@@ -164,8 +170,10 @@ def render_how_to_run(
             "**llama.cpp** " + mark("llama.cpp"),
             "",
             "```bash",
-            f"llama-cli --hf-repo {repo_id} --hf-file {gguf_file} -p \"The capital of France is\"",
-            f"ollama run hf.co/{repo_id}" + (f":{quant}" if quant else ""),
+            *([f"llama-cli -m {repo_id}/{gguf_file} -p \"The capital of France is\""] if local else [
+                f"llama-cli --hf-repo {repo_id} --hf-file {gguf_file} -p \"The capital of France is\"",
+                f"ollama run hf.co/{repo_id}" + (f":{quant}" if quant else ""),
+            ]),
             "```",
         ]
     body = "\n".join(sections)

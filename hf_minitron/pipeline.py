@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import TARGET_FIELDS, MinitronPruneConfig
 from .data import holdout_every, load_default_corpus, load_text_file
+from .gguf_export import GGUF_OUTTYPES
 from .logging import get_logger
 from .pruning import PROVENANCE_NAME, load_provenance
 from .stages import RESUME_MODES
@@ -31,8 +32,8 @@ EMBEDDED_DEFAULT_TARGET = {"hidden_size": 432, "intermediate_size": 1024}
 STATE_NAME = "minitron_recipe_state.json"
 RESULTS_NAME = "minitron_results.json"
 # Folders the stages own inside output_dir (the final model may not take one of these names).
-STAGE_FOLDERS = ("teacher_corrected", "importance", "search", "pruned", "distilled", "distill_checkpoints", "evaluation", "teacher_cache",
-                 "teacher_cache.partial")
+STAGE_FOLDERS = ("teacher_corrected", "teacher_task_evaluation", "importance", "search", "pruned", "distilled", "distill_checkpoints",
+                 "evaluation", "task_evaluation", "gguf", "teacher_cache", "teacher_cache.partial")
 
 
 @dataclass
@@ -131,6 +132,27 @@ class MinitronRecipeArguments(ModelDataArguments):
     )
     teacher_cache_top_k: int = field(default=64, metadata={"help": "Teacher tokens stored per position (with --teacher_cache)."})
     teacher_cache_dtype: str = field(default="float16", metadata={"help": "Stored log-prob dtype: float16, bfloat16, float32 (exact)."})
+    # Task accuracy (lm-evaluation-harness) of teacher, pruned and distilled, next to perplexity
+    eval_tasks: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated lm-eval tasks for teacher, pruned and distilled (task names or YAML paths). "
+                  "Default: the offline `minitron_cloze` built from the held-out text when lm-eval is installed "
+                  "(`pip install 'hf-minitron[eval]'`); `none`: perplexity only."},
+    )
+    eval_include_path: str | None = field(default=None, metadata={"help": "Folder of your own lm-eval task YAMLs."})
+    eval_num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (default: each task's own, else 0)."})
+    eval_limit: float | None = field(default=None, metadata={"help": "Examples per task (a count, or a fraction < 1); for quick checks."})
+    eval_task_batch_size: int = field(default=8, metadata={"help": "Batch size of the task evaluation."})
+    eval_allow_downloads: bool = field(default=False, metadata={"help": "Let lm-eval fetch Hub datasets (off: local tasks only)."})
+    # GGUF export (llama.cpp's converter, in its own environment)
+    gguf_outtypes: str | None = field(
+        default=None,
+        metadata={"help": f"Also export the final model as GGUF files for llama.cpp / Ollama, one per type, comma-separated "
+                  f"({', '.join(GGUF_OUTTYPES)}; the converter's --outtype names), e.g. `f16,q8_0`."},
+    )
+    gguf_verify: bool = field(
+        default=True, metadata={"help": "Load each GGUF file back with transformers and compare logits (needs `gguf`)."}
+    )
     # Stages
     skip_distillation: bool = field(default=False, metadata={"help": "Stop after pruning (zero-shot model)."})
     final_subdir: str = field(default="final", metadata={"help": "Sub-folder of output_dir for the final model (what is pushed)."})
@@ -158,6 +180,43 @@ class MinitronRecipeArguments(ModelDataArguments):
             if self.teacher_cache_dtype not in LOGPROB_DTYPES:
                 raise ValueError(f"`teacher_cache_dtype` must be one of {sorted(LOGPROB_DTYPES)}, got {self.teacher_cache_dtype!r}.")
         self.prune_config()  # validate the target before any model is loaded
+        self._check_task_and_gguf_options()
+
+    def _check_task_and_gguf_options(self) -> None:
+        """Normalise ``eval_tasks`` / ``gguf_outtypes`` (comma string or YAML list) and check them, without any import."""
+        from .harness import is_lm_eval_available
+
+        self.eval_tasks = _comma_list(self.eval_tasks, "eval_tasks")
+        if self.eval_tasks is not None and [t.lower() for t in self.eval_tasks] == ["none"]:
+            self.eval_tasks = []
+        if self.eval_tasks and not is_lm_eval_available():
+            raise ValueError(
+                f"`eval_tasks` {self.eval_tasks} needs EleutherAI's lm-evaluation-harness, which is not installed: "
+                "`pip install 'hf-minitron[eval]'` (or `pip install lm-eval`), or pass `--eval_tasks none` for perplexity only."
+            )
+        if self.eval_include_path is not None:
+            if not os.path.isdir(self.eval_include_path):
+                raise ValueError(f"`eval_include_path` {self.eval_include_path!r} is not a folder of lm-eval task YAML files.")
+            if not self.eval_tasks:
+                raise ValueError("`eval_include_path` needs `eval_tasks` naming the tasks to run from it.")
+        if self.eval_num_fewshot is not None and (isinstance(self.eval_num_fewshot, bool) or self.eval_num_fewshot < 0):
+            raise ValueError(f"`eval_num_fewshot` must be an integer >= 0, got {self.eval_num_fewshot!r}.")
+        if self.eval_limit is not None and not self.eval_limit > 0:
+            raise ValueError(f"`eval_limit` must be > 0 (a count, or a fraction < 1), got {self.eval_limit!r}.")
+        if self.eval_limit is not None and self.eval_limit >= 1:
+            if self.eval_limit != int(self.eval_limit):
+                raise ValueError(f"`eval_limit` must be a whole count (or a fraction < 1), got {self.eval_limit!r}.")
+            self.eval_limit = int(self.eval_limit)
+        if isinstance(self.eval_task_batch_size, bool) or not isinstance(self.eval_task_batch_size, int) or self.eval_task_batch_size < 1:
+            raise ValueError(f"`eval_task_batch_size` must be an integer >= 1, got {self.eval_task_batch_size!r}.")
+        outtypes = _comma_list(self.gguf_outtypes, "gguf_outtypes") or []
+        outtypes = [t.lower() for t in outtypes if t.lower() != "none"]
+        bad = [t for t in outtypes if t not in GGUF_OUTTYPES]
+        if bad:
+            raise ValueError(f"`gguf_outtypes` must be comma-separated types among {list(GGUF_OUTTYPES)}, got {bad}.")
+        if len(set(outtypes)) != len(outtypes):
+            raise ValueError(f"`gguf_outtypes` names a type twice: {outtypes}.")
+        self.gguf_outtypes = outtypes
 
     @property
     def uses_embedded_model(self) -> bool:
@@ -193,6 +252,16 @@ class MinitronRecipeArguments(ModelDataArguments):
             raise ValueError("Nothing to prune: set at least one of hidden_size, intermediate_size, num_attention_heads, "
                              "num_key_value_heads, num_hidden_layers or layers_to_drop.")
         return config
+
+
+def _comma_list(value: str | list | tuple | None, name: str) -> list[str] | None:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``; ``None`` stays ``None`` (the default)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"`{name}` must be a comma-separated string or a list of strings, got {value!r}.")
+    return [item.strip() for item in items if item.strip()]
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -341,10 +410,26 @@ def run_minitron(args: MinitronRecipeArguments, training_args, stages=None) -> d
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """The results table printed at the end of a run (perplexities, then what each stage did)."""
-    lines = ["| model | parameters | held-out perplexity |", "|---|---:|---:|"]
+    """The results table printed at the end of a run: parameters, held-out perplexity and task accuracy (± one
+    standard error) per model, the GGUF files, then what each stage did."""
+    from .card_sections import _format_value
+    from .eval_export_stages import headline_columns
+
+    columns = headline_columns(results["rows"])
+    header = "| model | parameters | held-out perplexity |" + "".join(f" {task} {metric} |" for task, metric in columns)
+    lines = [header, "|---|---:|---:|" + "---:|" * len(columns)]
     for r in results["rows"]:
-        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['perplexity']:.2f} |")
+        found = {(t["task"], t["metric"]): _format_value(t) for t in r.get("tasks", [])}
+        parameters = "" if r["parameters"] is None else f"{r['parameters']:,}"
+        lines.append(f"| {r['model']} | {parameters} | {r['perplexity']:.2f} |" + "".join(f" {found.get(c, '')} |" for c in columns))
+    task_evaluation = results.get("task_evaluation") or {}
+    if task_evaluation.get("skipped"):
+        lines.append(f"\n{task_evaluation['skipped']}")
+    elif columns:
+        lines.append(f"\nTasks: lm-evaluation-harness {task_evaluation.get('lm_eval_version')}, accuracy ± one standard error.")
+    for e in results.get("gguf") or []:
+        check = "" if e.get("max_abs_dlogit") is None else f", round trip max |Δlogit| {e['max_abs_dlogit']:.3g}"
+        lines.append(f"GGUF ({e['outtype']}): {e['path']} ({e['size_bytes'] / 2**20:,.1f} MiB{check})")
     if results.get("stages"):
         lines += ["", "| stage | status | seconds |", "|---|---|---:|"]
         for stage, entry in results["stages"].items():

@@ -85,19 +85,30 @@ def tiny_model():
     return tiny_llama()
 
 
-def make_recipe_assets(folder) -> tuple[str, str]:
-    """A tiny saved Llama + tokenizer and a WikiText-style corpus (20 articles) for recipe tests."""
+def make_recipe_assets(folder, sentences: bool = False) -> tuple[str, str]:
+    """A tiny saved Llama + tokenizer and a WikiText-style corpus (20 articles) for recipe tests.
+
+    ``sentences=True``: alphabetic words in WikiText-style sentences (``Word ... word .``), so the held-out text
+    yields `minitron_cloze` examples; the default corpus (``w0 w1 ...``, no sentence ends) yields none.
+    """
     import random
 
     rng = random.Random(0)
-    words = [f"w{i}" for i in range(100)]
+    if sentences:
+        syllables = ["ba", "ko", "mi", "tu", "re", "sa", "lo", "ne", "di", "fu"]
+        words = [a + b for a in syllables for b in syllables]  # 100 alphabetic words
+    else:
+        words = [f"w{i}" for i in range(100)]
     lines = []
     for a in range(20):
         lines.append(f" = Article {a} = ")
         for _ in range(10):
             # A learnable pattern (each word tends to be followed by the next one) so distillation has signal.
             start = rng.randrange(100)
-            lines.append(" ".join(words[(start + k * rng.choice([1, 1, 1, 2])) % 100] for k in range(30)))
+            line = [words[(start + k * rng.choice([1, 1, 1, 2])) % 100] for k in range(30)]
+            if sentences:  # three 10-word sentences, capitalised, each ending in " ."
+                line = [(w.capitalize() if k % 10 == 0 else w) + (" ." if k % 10 == 9 else "") for k, w in enumerate(line)]
+            lines.append(" ".join(line))
     text = "\n".join(lines)
     corpus = os.path.join(folder, "corpus.txt")
     with open(corpus, "w") as f:
@@ -113,3 +124,9 @@ def make_recipe_assets(folder) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def recipe_assets(tmp_path_factory):
     return make_recipe_assets(str(tmp_path_factory.mktemp("recipe_assets")))
+
+
+@pytest.fixture(scope="session")
+def sentence_recipe_assets(tmp_path_factory):
+    """Recipe assets whose held-out text makes `minitron_cloze` examples (for the task-accuracy tests)."""
+    return make_recipe_assets(str(tmp_path_factory.mktemp("sentence_recipe_assets")), sentences=True)

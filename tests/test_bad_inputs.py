@@ -388,6 +388,47 @@ def _(env):
     env.recipe("--final_subdir", "mine")
 
 
+@trigger("cli-eval-tasks-without-lm-eval")
+def _(env):
+    env.monkeypatch.setattr("hf_minitron.harness.is_lm_eval_available", lambda: False)
+    env.recipe(eval_tasks="minitron_cloze")
+
+
+@trigger("cli-eval-cloze-without-sentences")
+def _(env):
+    env.recipe(eval_tasks="minitron_cloze")  # the tiny corpus is `w0 w1 ...` lines: no sentence ends
+
+
+@trigger("cli-eval-include-path-missing")
+def _(env):
+    env.recipe(eval_tasks="my_task", eval_include_path=env.path("missing"))
+
+
+@trigger("cli-eval-include-path-without-tasks")
+def _(env):
+    os.makedirs(env.path("my_tasks"))
+    env.recipe(eval_include_path=env.path("my_tasks"))
+
+
+@trigger("cli-eval-limit-not-whole")
+def _(env):
+    env.recipe(eval_limit=2.5)
+
+
+@trigger("cli-gguf-outtype-unknown")
+def _(env):
+    env.recipe(gguf_outtypes="f16,q4_k_m")
+
+
+@trigger("cli-gguf-verify-without-gguf")
+def _(env):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    env.monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    env.recipe(gguf_outtypes="f16")
+
+
 @trigger("cli-resume-unknown")
 def _(env):
     env.recipe("--resume", "sometimes")
