@@ -146,6 +146,7 @@ def test_peft_lora_student_with_gradient_checkpointing(tmp_path):
     assert torch.equal(merged.lm_head.weight, base["lm_head.weight"])  # frozen base
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
