@@ -8,6 +8,7 @@ interrupted distillation resumes from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import shutil
@@ -26,6 +27,12 @@ from .evaluation import perplexity
 from .hub import push_folder_to_hub, write_model_card
 from .importance import SCORES_NAME, ImportanceScores, estimate_importance
 from .pruning import PROVENANCE_NAME, load_provenance, prune_model, save_pruned_model
+from .distillation.sharding import (
+    gather_full_state_dict,
+    release_deepspeed_accelerator,
+    sharded_engine,
+    whole_model_loading,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -158,10 +165,13 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, gguf_file: s
     if model_name_or_path is None:
         from .embedded import load_smollm2
 
-        return load_smollm2(_dtype(dtype))
+        with whole_model_loading():
+            return load_smollm2(_dtype(dtype))
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=_dtype(dtype), **kwargs)
+    # Whole, even under DeepSpeed ZeRO-3 arguments (which would partition it at load time): every stage needs it so
+    with whole_model_loading():
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=_dtype(dtype), **kwargs)
     if gguf_file and getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # dequantized on load
         model.hf_quantizer = None
@@ -193,8 +203,11 @@ def _atomic_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _load_pruned(folder: str, dtype: torch.dtype):
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+def _load_pruned(folder: str, dtype: torch.dtype, device: torch.device | None = None):
+    with whole_model_loading():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if device is not None:
+        model.to(device)
     if os.path.isfile(os.path.join(folder, PROVENANCE_NAME)):
         model.minitron_provenance = load_provenance(folder)
     return model
@@ -270,7 +283,10 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
 
     ``training_args`` is a :class:`~hf_minitron.distillation.DistillationConfig`; its ``output_dir`` holds every
     stage. Only the main process writes; under ``accelerate launch`` the other processes take part in the
-    importance pass (sharded) and in distillation (DDP).
+    importance pass (sharded) and in distillation (DDP, or FSDP2 / DeepSpeed ZeRO-3 with an accelerate config such as
+    ``recipes/accelerate/fsdp2.yaml``, which also shards teacher correction). Importance, pruning and evaluation run
+    on whole models on each process's accelerator; a model trained sharded is gathered into its stage's stock
+    checkpoint and loaded back from it.
 
     Example:
         >>> from hf_minitron.distillation import DistillationConfig
@@ -282,6 +298,15 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
     from .distillation import DistillationTrainer
 
     state = PartialState()
+    # FSDP2 / DeepSpeed: the trainers shard the models they train; importance, pruning and evaluation work on whole
+    # models on each process's accelerator, and a trained model is gathered into a checkpoint and loaded back whole.
+    engine = sharded_engine(training_args)
+    device = state.device if state.device.type != "cpu" else None
+    if engine is not None and args.search and args.search_retrain_steps > 0:
+        raise ValueError(
+            f"Architecture search with retraining (`search_retrain_steps > 0`) is not supported under {engine}: run "
+            "the search zero-shot (`search_retrain_steps: 0`) or without sharding, then distill the chosen shape."
+        )
     if not torch.cuda.is_available():
         # `accelerate launch` without --cpu exports OMP_NUM_THREADS=1; on a CPU-only machine use every core.
         torch.set_num_threads(args.num_cpu_threads or max(1, (os.cpu_count() or 1) // state.num_processes))
@@ -296,6 +321,8 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
     training_args.push_to_hub = False  # the final folder (with its card) is pushed once, at the end
 
     teacher, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.gguf_file, args.model_dtype)
+    if device is not None:
+        teacher.to(device)
     train_texts, held_out_texts = load_texts(args.dataset_path, args.eval_dataset_path, args.eval_fraction)
     train_blocks = pack_texts(train_texts, tokenizer, args.seq_length, args.max_train_samples)
     eval_blocks = pack_texts(held_out_texts, tokenizer, args.seq_length, args.max_eval_samples)
@@ -318,7 +345,7 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
         if os.path.isdir(corrected_dir):
             logger.warning(f"Stage 'teacher correction' already done: loading {corrected_dir}")
             original_ppl = stages.state["stages"].get("teacher_correction", {}).get("perplexity_before")
-            teacher = AutoModelForCausalLM.from_pretrained(corrected_dir, dtype=dtype).eval()
+            teacher = _load_pruned(corrected_dir, dtype, device).eval()
         else:
             from .teacher_correction import TeacherCorrectionConfig, correct_teacher
 
@@ -339,11 +366,16 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
                 save_strategy="no",
                 logging_steps=max(1, args.teacher_correction_steps // 10),
                 max_length=args.seq_length,
+                # The same engine as distillation (FSDP / DeepSpeed set by arguments; an accelerate config applies
+                # to every trainer by itself)
+                fsdp=training_args.fsdp,
+                fsdp_config=training_args.fsdp_config if training_args.fsdp else None,
+                deepspeed=training_args.deepspeed,
             )
-            teacher = correct_teacher(teacher, tc_args, train_dataset, processing_class=tokenizer)
-            if state.is_main_process:
-                save_pruned_model(teacher, corrected_dir, tokenizer=tokenizer, overwrite=True)
-            state.wait_for_everyone()
+            # Written atomically to `corrected_dir` by the main process (gathered from its shards when sharded)
+            teacher = correct_teacher(teacher, tc_args, train_dataset, processing_class=tokenizer, save_directory=corrected_dir)
+            if device is not None:
+                teacher.to(device)
             stages.done("teacher_correction", time.perf_counter() - start, perplexity_before=original_ppl)
         teacher_correction_info["teacher_perplexity_before"] = original_ppl
     teacher.eval()
@@ -396,7 +428,7 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
     # 3. Prune ----------------------------------------------------------------------------------------------
     if os.path.isdir(pruned_dir):
         logger.warning(f"Stage 'prune' already done: loading {pruned_dir}")
-        student = _load_pruned(pruned_dir, dtype)
+        student = _load_pruned(pruned_dir, dtype, device)
     else:
         start = time.perf_counter()
         student = prune_model(copy.deepcopy(teacher), prune_config, importance=scores)
@@ -413,7 +445,7 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
         final_model = student
     elif os.path.isdir(distilled_dir):
         logger.warning(f"Stage 'distill' already done: loading {distilled_dir}")
-        final_model = _load_pruned(distilled_dir, dtype)
+        final_model = _load_pruned(distilled_dir, dtype, device)
         tokens_distilled = stages.state["stages"].get("distill", {}).get("tokens", 0)
     else:
         start = time.perf_counter()
@@ -424,6 +456,8 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
         last = last_complete_checkpoint(run_args.output_dir)
         if last:
             logger.warning(f"Resuming distillation from {last}")
+        if engine == "deepspeed":
+            release_deepspeed_accelerator()  # teacher correction's (finished) trainer held the process's DeepSpeed state
         trainer = DistillationTrainer(
             model=student, teacher_model=teacher, args=run_args, train_dataset=train_dataset, processing_class=tokenizer
         )
@@ -434,10 +468,27 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
         tokens_distilled = (
             trainer.state.global_step * run_args.per_device_train_batch_size * run_args.gradient_accumulation_steps * world * args.seq_length
         )
+        # Sharded student: gathered (collective) into the stock checkpoint
+        full_state = gather_full_state_dict(trainer, dtype) if engine is not None else None
         if state.is_main_process:
-            save_pruned_model(final_model, distilled_dir, tokenizer=tokenizer, overwrite=True)
+            save_pruned_model(final_model, distilled_dir, tokenizer=tokenizer, overwrite=True,
+                              **({"state_dict": full_state} if engine is not None else {}))
             _atomic_json(os.path.join(out, "distill_log_history.json"), trainer.state.log_history)
         state.wait_for_everyone()
+        if engine is not None:
+            # Both models were sharded in place: continue with whole copies (the student as saved, the teacher reloaded)
+            trainer.accelerator.free_memory()
+            del trainer, full_state, final_model, student, teacher
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            final_model = _load_pruned(distilled_dir, dtype, device)
+            teacher = (
+                _load_pruned(corrected_dir, dtype, device) if args.teacher_correction
+                else load_model_and_tokenizer(args.model_name_or_path, args.gguf_file, args.model_dtype)[0]
+            ).eval()
+            if device is not None:
+                teacher.to(device)
         stages.done("distill", time.perf_counter() - start, tokens=tokens_distilled, train_loss=train_output.training_loss)
 
     # 5. Evaluate -------------------------------------------------------------------------------------------
@@ -454,7 +505,7 @@ def run_minitron(args: MinitronRecipeArguments, training_args) -> dict[str, Any]
                 rows.append({"model": "teacher (corrected)", "parameters": _num_params(teacher), "perplexity": evaluate(teacher)})
             else:
                 rows.append({"model": "teacher", "parameters": _num_params(teacher), "perplexity": evaluate(teacher)})
-            pruned = _load_pruned(pruned_dir, dtype)
+            pruned = _load_pruned(pruned_dir, dtype, device)
             rows.append({"model": "pruned (zero-shot)", "parameters": _num_params(pruned), "perplexity": evaluate(pruned)})
             del pruned
             if not args.skip_distillation:

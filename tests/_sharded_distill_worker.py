@@ -62,7 +62,10 @@ def _enable_deepspeed_on_cpu() -> None:
 
     def patched(self, *args, deepspeed_plugin=None, **kwargs):
         init(self, *args, deepspeed_plugin=deepspeed_plugin, **kwargs)
-        if deepspeed_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        # MULTI_CPU on a first init; DEEPSPEED (inherited from PartialState) after `release_deepspeed_accelerator`
+        if deepspeed_plugin is not None and self.deepspeed_plugins is None and self.distributed_type in (
+            DistributedType.MULTI_CPU, DistributedType.DEEPSPEED
+        ):
             # The assignments of accelerate's DeepSpeed branch (state.py; it is skipped when `cpu=True`)
             mixed_precision, self._mixed_precision = self._mixed_precision, "no"  # DeepSpeed handles precision
             self.distributed_type = DistributedType.DEEPSPEED
@@ -128,6 +131,36 @@ def teacher_report(trainer: DistillationTrainer, engine: str) -> dict:
     }
 
 
+def bytes_per_parameter(trainer: DistillationTrainer, engine: str) -> dict:
+    """This rank's bytes per parameter of teacher weights, student weights and optimizer state (the optimizer's
+    tensors, and under ZeRO-3 also its fp32 master partition), as in the memory table of docs/scale.md."""
+    from hf_minitron.distillation.sharding import param_shape
+
+    def local(p):
+        if hasattr(p, "to_local"):
+            return p.to_local()
+        return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+    def weights(model):
+        params = list(model.parameters())
+        full = sum(param_shape(p).numel() for p in params)
+        return full, sum(local(p).numel() * local(p).element_size() for p in params)
+
+    n_teacher, teacher_bytes = weights(trainer.accelerator.unwrap_model(trainer.teacher_model))
+    n_student, student_bytes = weights(trainer.accelerator.unwrap_model(trainer.model))
+    if engine == "fsdp2":
+        states = trainer.optimizer.optimizer.state.values()
+        extra = 0
+    else:
+        zero = trainer.model_wrapped.optimizer  # DeepSpeedZeroOptimizer_Stage3
+        states = zero.optimizer.state.values()
+        extra = sum(t.numel() * t.element_size() for t in zero.fp32_partitioned_groups_flat)  # fp32 master
+    opt_bytes = extra + sum(
+        local(t).numel() * local(t).element_size() for st in states for t in st.values() if torch.is_tensor(t) and t.dim()
+    )
+    return {"teacher": teacher_bytes / n_teacher, "student": student_bytes / n_student, "optimizer": opt_bytes / n_student}
+
+
 def main(engine: str, out: str) -> None:
     _enable_fsdp_on_cpu() if engine == "fsdp2" else _enable_deepspeed_on_cpu()
     from torch.distributed.tensor import DTensor
@@ -152,6 +185,7 @@ def main(engine: str, out: str) -> None:
     run._distill_loss = counted_loss
     run.train()
     head_gathers = gathers["n"]
+    per_parameter = bytes_per_parameter(run, engine)
     run.save_model(os.path.join(out, "final"))
     report = {
         "world": run.accelerator.num_processes,
@@ -162,6 +196,7 @@ def main(engine: str, out: str) -> None:
         "head_full_tensor_calls": head_gathers,
         "teacher": teacher_report(run, engine),
         "projection_sum": float(run.projection.weight.double().sum()),
+        "bytes_per_parameter": per_parameter,
     }
 
     resumed = make_trainer(engine, os.path.join(out, "resumed"))

@@ -239,6 +239,13 @@ def test_config_validation(tmp_path):
         _args(tmp_path, hidden_state_weight="big")
     assert _args(tmp_path, hidden_state_weight="0.3").hidden_state_weight == 0.3
     assert _args(tmp_path, hidden_state_layer_map="0,2,3").hidden_state_layer_map == [0, 2, 3]
+    # From the command line (TrlParser, as the recipe parses it), the default layer map stays "auto"
+    from trl import TrlParser
+
+    (parsed,) = TrlParser((DistillationConfig,)).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--hidden_state_loss", "cosine", "--use_cpu", "True"]
+    )
+    assert parsed.hidden_state_layer_map == "auto"
     with pytest.raises(ValueError, match="teacher_model_init_kwargs"):
         teacher = make_teacher()
         DistillationTrainer(

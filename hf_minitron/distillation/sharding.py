@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -161,3 +164,67 @@ def full_weight(p: torch.Tensor | None, dtype: torch.dtype | None = None) -> tor
         return p.to(dtype) if dtype is not None and p.is_floating_point() else p
     return p
 
+
+
+# ------------------------------------------------------------------------------------ whole models around trainers
+def sharded_engine(args: Any = None) -> str | None:
+    """`"fsdp"` or `"deepspeed"` when training arguments (`fsdp=` / `deepspeed=`) or `accelerate launch`'s
+    environment (an accelerate config with `distributed_type: FSDP` / `DEEPSPEED`) turn a sharding engine on; else
+    `None`. Known before any trainer exists, so a pipeline can keep its own work on whole models."""
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return None
+
+
+@contextlib.contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """`from_pretrained` inside loads whole models even when DeepSpeed ZeRO-3 training arguments exist (transformers
+    then loads every model into `deepspeed.zero.Init`, partitioned on the spot). The recipe scores, prunes and
+    evaluates models on every rank before a trainer partitions them."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers without the integration
+        yield
+        return
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)  # transformers' ZeRO-3 switch
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def gather_full_state_dict(trainer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    """The trained model's full state dict on the main process (`None` on the others), gathered from FSDP2 shards or
+    ZeRO-3 partitions by accelerate (`Accelerator.get_state_dict`; a collective: call it on every rank). Floating
+    tensors are cast to `dtype` (FSDP2 keeps fp32 master weights of a bf16 model)."""
+    accelerator = trainer.accelerator
+    model = trainer.model_wrapped if is_deepspeed(accelerator) else trainer.model
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    return {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in state_dict.items()
+    }
+
+
+def release_deepspeed_accelerator() -> None:
+    """Let the next trainer of this process create its own DeepSpeed `Accelerator`.
+
+    accelerate accepts a `deepspeed_plugin` only in the first `Accelerator` of a process (a second one raises
+    `NotImplementedError`), and every `Trainer` creates one. The recipe runs two trainers in sequence under ZeRO-3
+    (teacher correction, then distillation); once the first has finished and its engine is released, its accelerator
+    state is dropped (the process group stays). A no-op unless the current state is DeepSpeed's.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if AcceleratorState._shared_state.get("distributed_type") == DistributedType.DEEPSPEED:
+        AcceleratorState._reset_state(reset_partial_state=False)
