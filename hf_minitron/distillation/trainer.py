@@ -108,7 +108,9 @@ class DistillationTrainer(SFTTrainer):
     - an optional hidden-state loss (cosine or MSE) between post-norm hidden states of mapped layers, through one
       learned `nn.Linear(H_student, H_teacher, bias=False)` shared across layers when the widths differ, weighted by a
       fixed float or dynamically by α = L_logits / L_hidden, one value per optimizer step (see below);
-    - a frozen teacher in eval mode, run under `torch.no_grad()` and prepared by accelerate like TRL's `GKDTrainer`.
+    - a frozen teacher in eval mode, run under `torch.no_grad()` and prepared by accelerate like TRL's `GKDTrainer`;
+    - FSDP2 and DeepSpeed ZeRO-3 through accelerate with both models sharded (`sharding.py`): each `lm_head` is
+      gathered once per forward, gradients are exact, checkpoints stay sharded and `save_model` writes a stock model.
 
     Not TRL's own `trl.DistillationTrainer`, which is on-policy (the student generates, with vLLM, and is trained
     on its own samples): this one is off-policy, on a fixed corpus, for students pruned from their teacher.
@@ -132,8 +134,9 @@ class DistillationTrainer(SFTTrainer):
     under gradient accumulation. "Post-norm" hidden states are a layer's output passed through the model's final norm
     (the last layer's output already is), so both models are compared at the scale their `lm_head` sees.
 
-    The projection belongs to the trainer: it is an extra optimizer parameter group, saved as
-    `checkpoint-*/minitron_projection.safetensors` and restored on resume; the saved student is a stock model. After
+    The projection belongs to the trainer: it has its own optimizer on the student's LR schedule (the engines' optimizers
+    only hold the student's shards), saved with its weights as `checkpoint-*/minitron_projection.safetensors` and
+    `minitron_projection_optimizer.pt` and restored on resume under every engine; the saved student is a stock model. After
     `train()` neither model carries an instance-level `forward` patch added by TRL or accelerate, so copies of them
     (how further students are pruned) run their own weights.
 
