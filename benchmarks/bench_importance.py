@@ -78,8 +78,11 @@ def measure_overhead(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
                 fn()
                 times[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    stats = estimator.head_stats + estimator.neuron_stats + estimator.norm_stats
+    stats = (estimator.head_stats + estimator.neuron_stats + estimator.norm_stats + estimator.sublayer_stats
+             + estimator.residual_stats)
+    moments = estimator.norm_moments + [m for group in estimator.qk_moments.values() for m in group]
     acc_bytes = sum(t.numel() * t.element_size() for s in stats for t in (s.sum, s.sumsq))
+    acc_bytes += sum(t.numel() * t.element_size() for m in moments for t in (m.sum, m.sumsq) if t is not None)
     acc_bytes += sum(b.numel() * b.element_size() for b in estimator.bi_sum)
     med["accumulator_bytes"] = float(acc_bytes)
     return med

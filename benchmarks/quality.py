@@ -53,8 +53,8 @@ from hf_minitron.data import pack_texts
 from hf_minitron.embedded import EMBEDDED_MODELS
 from hf_minitron.evaluation import perplexity
 from hf_minitron.importance.baselines import magnitude_importance, random_importance
-from hf_minitron.pipeline import _atomic_json
-from hf_minitron.plots import _pyplot
+from hf_minitron.atomic import atomic_write_json
+from hf_minitron.plots import new_figure, save_figure
 from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teacher
 
 
@@ -116,7 +116,7 @@ class Results:
 
     def add(self, name: str, **row: Any) -> None:
         self.data["rows"][name] = row
-        _atomic_json(self.path, self.data)
+        atomic_write_json(self.path, self.data)
 
 
 def num_params(model) -> int:
@@ -347,14 +347,15 @@ def print_tables(rows: dict[str, dict], tokens_per_run: int, zero_shot_ref: str)
 
 def write_plots(rows: dict[str, dict], plot_dir: str, tokens_per_run: int, model_name: str = "smollm2-135m") -> None:
     try:
-        plt = _pyplot()
+        import matplotlib
+
+        fig, axes = new_figure(1, 2, figsize=(13, 5.5), sharey=True)
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib).")
         return
     os.makedirs(plot_dir, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     markers = {"teacher": "*", "zero-shot width": "o", "zero-shot depth": "s", "trained width": "D", "trained depth": "P"}
-    colors = plt.get_cmap("tab20").colors
+    colors = matplotlib.colormaps["tab20"].colors
     # Models of one size sit at one x: spread them sideways (0.6M apart) so every point stays visible
     offsets, seen = {}, {}
     for name, r in rows.items():
@@ -371,12 +372,10 @@ def write_plots(rows: dict[str, dict], plot_dir: str, tokens_per_run: int, model
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7.5)
     fig.suptitle(f"{model_name} pruned to hidden/MLP or depth; trained runs: {tokens_per_run:,} tokens each")
     fig.tight_layout(rect=(0, 0.22, 1, 1))
-    path = os.path.join(plot_dir, "quality_ppl_vs_params.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = save_figure(fig, os.path.join(plot_dir, "quality_ppl_vs_params.png"))
     print(f"wrote {path}")
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = new_figure(1, 2, figsize=(13, 4.8))
     for i, (name, r) in enumerate(rows.items()):
         history = r.get("log_history") or []
         kd = [(h["step"], h["kd_loss"]) for h in history if "kd_loss" in h and r.get("kd_weight", 1.0) > 0]
@@ -391,9 +390,7 @@ def write_plots(rows: dict[str, dict], plot_dir: str, tokens_per_run: int, model
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5)
     fig.tight_layout()
-    path = os.path.join(plot_dir, "quality_loss_curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = save_figure(fig, os.path.join(plot_dir, "quality_loss_curves.png"))
     print(f"wrote {path}")
 
 

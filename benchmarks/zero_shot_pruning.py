@@ -57,20 +57,29 @@ def _save(path: str | None, state: dict) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def _locked(path: str | None) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``path`` (no-op without one)."""
-    if not path:
-        yield
-        return
-    import fcntl
+class _SharedCPU:
+    """An exclusive ``fcntl`` lock on ``path``, held for runs of rows of about ``hold`` seconds, then released so other
+    jobs that use the same lock get the machine between them (no-op without a path)."""
 
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    def __init__(self, path: str | None, hold: float) -> None:
+        self.path, self.hold = path, hold
+        self.handle = None
+        self.since = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.path and self.handle is None:
+            import fcntl
+
+            self.handle = open(self.path, "a")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+            self.since = time.monotonic()
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if self.handle is not None and time.monotonic() - self.since > self.hold:
+                self.handle.close()  # closing releases the lock
+                self.handle = None
 
 
 def main() -> None:
@@ -82,11 +91,14 @@ def main() -> None:
     parser.add_argument("--depth_calib_samples", type=int, default=16, help="samples for per-layer perplexity")
     parser.add_argument("--eval_seq_length", type=int, default=512)
     parser.add_argument("--eval_samples", type=int, default=None, help="cap on held-out windows (default: all)")
+    parser.add_argument("--grid_eval_samples", type=int, default=None,
+                        help="evaluate the sources x corrections grid on the first N held-out windows only (default: all)")
     parser.add_argument("--eval_batch_size", type=int, default=2)
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: bos,grid,combined,depth,heads")
     parser.add_argument("--output_json", default=None, help="rows (and the importance scores beside) are saved here and reused on rerun")
-    parser.add_argument("--lock_file", default=None, help="hold this file's lock (fcntl) during each row: yields the CPU to other "
-                        "jobs that use the same lock between rows on a shared machine")
+    parser.add_argument("--lock_file", default=None, help="hold this file's lock (fcntl) while working: on a shared machine, "
+                        "other jobs that use the same lock get the CPU between runs of rows")
+    parser.add_argument("--lock_hold", type=float, default=900.0, help="seconds of rows per lock acquisition")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     skip = set(filter(None, args.skip.split(",")))
@@ -97,6 +109,7 @@ def main() -> None:
     if args.output_json and os.path.isfile(args.output_json):
         with open(args.output_json, encoding="utf-8") as f:
             state["rows"] = json.load(f).get("rows", {})
+    locked = _SharedCPU(args.lock_file, args.lock_hold)
     model, tok = EMBEDDED_MODELS[args.model]()
     train, held = load_text_file(args.data, "train"), load_text_file(args.data, "eval")
     calib = pack_texts(train, tok, args.calib_seq_length, args.calib_samples)
@@ -105,7 +118,7 @@ def main() -> None:
           f"{args.eval_seq_length} tokens; BOS per sample: {bool(calib[0][0] == tok.bos_token_id)}", flush=True)
 
     def measure(build, data) -> dict:
-        with _locked(args.lock_file):
+        with locked():
             start = time.perf_counter()
             m = build()
             seconds = time.perf_counter() - start
@@ -135,7 +148,7 @@ def main() -> None:
     if scores_path and os.path.isfile(scores_path):
         scores = ImportanceScores.load(scores_path)
     else:
-        with _locked(args.lock_file):
+        with locked():
             start = time.perf_counter()
             scores = estimate_importance(model, calib, config)
             print(f"importance pass: {time.perf_counter() - start:.1f}s", flush=True)
@@ -147,10 +160,18 @@ def main() -> None:
         return lambda: prune_model(copy.deepcopy(model), MinitronPruneConfig(**settings), importance=scores_)
 
     if "grid" not in skip:
+        grid_data, suffix = held_out, ""
+        if args.grid_eval_samples is not None and args.grid_eval_samples < len(held_out):
+            grid_data, suffix = held_out[: args.grid_eval_samples], f" | first {args.grid_eval_samples} windows"
+            row(f"teacher{suffix}", lambda: model, data=grid_data)
         for source in HIDDEN_IMPORTANCE_SOURCES:
             for correction in NORM_CORRECTIONS:
-                row(f"hidden {hidden_only['hidden_size']} | {source} | {correction}",
-                    pruned(scores, **hidden_only, hidden_importance_source=source, rescale_norms=correction))
+                row(f"hidden {hidden_only['hidden_size']} | {source} | {correction}{suffix}",
+                    pruned(scores, **hidden_only, hidden_importance_source=source, rescale_norms=correction), data=grid_data)
+        if suffix:  # the defaults on every window too
+            row(f"hidden {hidden_only['hidden_size']} | matmul_inputs | calibrated", pruned(scores, **hidden_only))
+            row(f"hidden {hidden_only['hidden_size']} | all_norms | sqrt",
+                pruned(scores, **hidden_only, hidden_importance_source="all_norms", rescale_norms="sqrt"))
 
     if "combined" not in skip:
         label = "/".join(str(v) for v in combined.values())
@@ -161,7 +182,7 @@ def main() -> None:
         row(f"width {label} | random (sqrt)", pruned(random_importance(model), **combined, rescale_norms="sqrt"))
 
     if "depth" not in skip:
-        with _locked(args.lock_file):
+        with locked():
             depth_scores = estimate_importance(
                 model, calib[: args.depth_calib_samples],
                 MinitronPruneConfig(num_calibration_samples=args.depth_calib_samples, calibration_seq_length=args.calib_seq_length,

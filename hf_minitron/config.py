@@ -127,13 +127,18 @@ class MinitronPruneConfig(PushToHubMixin):
         if self.depth_criterion not in DEPTH_CRITERIA:
             raise ValueError(f"`depth_criterion` must be one of {DEPTH_CRITERIA}, got {self.depth_criterion!r}.")
         if self.layers_to_drop is not None:
+            if isinstance(self.layers_to_drop, (str, bytes)) or not hasattr(self.layers_to_drop, "__iter__"):
+                raise ValueError(f"`layers_to_drop` must be a list of layer indices such as [3, 7], got {self.layers_to_drop!r}.")
             drop = list(self.layers_to_drop)
-            if any(not isinstance(i, int) or i < 0 for i in drop) or len(set(drop)) != len(drop):
-                raise ValueError(f"`layers_to_drop` must be distinct non-negative layer indices, got {drop}.")
+            # bool is an int subclass: `[true]` in YAML must not silently mean layer 1.
+            bad = [i for i in drop if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad or len(set(drop)) != len(drop):
+                raise ValueError(f"`layers_to_drop` must be distinct non-negative layer indices (integers), got {drop}.")
             self.layers_to_drop = sorted(drop)
         for name in ("num_calibration_samples", "calibration_seq_length", "calibration_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         if self.calibration_seq_length < 2:
             raise ValueError("`calibration_seq_length` must be >= 2 tokens.")
 
@@ -152,28 +157,64 @@ class MinitronPruneConfig(PushToHubMixin):
             raise ValueError(f"Unknown MinitronPruneConfig field(s) {unknown}; valid fields are {sorted(known)}.")
         return cls(**data)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the config as ``minitron_prune_config.json`` in ``save_directory``."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"`save_directory` ({save_directory}) must be a directory, not a file.")
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> str:
+        """Write the config as ``minitron_prune_config.json`` in ``save_directory`` (atomically); returns the file.
+
+        Raises:
+            ValueError: ``save_directory`` is a file or is not writable.
+        """
+        from .atomic import atomic_write_json, check_writable_dir
+
+        folder = check_writable_dir(save_directory, what="save_directory")
+        return atomic_write_json(os.path.join(folder, CONFIG_NAME), self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> "MinitronPruneConfig":
-        """Load from a local folder / JSON file, or from a Hub repo (``hf_hub_download``)."""
-        path = str(path)
-        if subfolder:
-            path = os.path.join(path, subfolder)
-        if os.path.isfile(path):
-            file = path
-        elif os.path.isdir(path):
-            file = os.path.join(path, CONFIG_NAME)
-        else:
-            from huggingface_hub import hf_hub_download
+        """Load from a local folder or JSON file, or from a Hub repo (``hf_hub_download``).
 
-            file = hf_hub_download(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        Args:
+            path: A folder holding ``minitron_prune_config.json``, the JSON file itself, or a Hub repo id.
+            subfolder: A sub-folder of ``path`` (local folder or Hub repo) holding the file.
+            hub_kwargs: Passed to ``huggingface_hub.hf_hub_download`` (``revision``, ``token``, ``cache_dir``, ...).
+
+        Raises:
+            ValueError: the file is not found locally or on the Hub, or it holds an unknown field.
+
+        Example:
+            >>> MinitronPruneConfig.from_pretrained("me/smollm2-minitron", subfolder="search")  # doctest: +SKIP
+        """
+        path = os.fspath(path)
+        local = os.path.join(path, subfolder) if subfolder else path
+        if os.path.isfile(local):
+            file = local
+        elif os.path.isdir(local):
+            file = os.path.join(local, CONFIG_NAME)
+            if not os.path.isfile(file):
+                raise ValueError(f"No {CONFIG_NAME} in the folder {local!r}; save one with `MinitronPruneConfig.save_pretrained`.")
+        elif os.path.isdir(path):  # a local folder without that subfolder
+            raise ValueError(f"The folder {path!r} has no subfolder {subfolder!r}.")
+        else:
+            file = _download(path, subfolder, hub_kwargs)
         with open(file, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+def _download(repo_id: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str:
+    """``minitron_prune_config.json`` of a Hub repo (``subfolder`` inside it), with an error that says what to check."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = f"{repo_id!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    try:
+        return hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder or None, **hub_kwargs)
+    except HFValidationError:
+        raise ValueError(f"{repo_id!r} is neither a local folder or file nor a valid Hub repo id (`owner/name`).") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"No Hub repo {repo_id!r} (or it is private: log in with `hf auth login`), and no local path of that name.") from None
+    except LocalEntryNotFoundError:
+        raise ValueError(
+            f"Could not download {CONFIG_NAME} from {where}: the Hub cannot be reached and the file is not cached. "
+            "Check the connection, or pass a local folder."
+        ) from None
+    except EntryNotFoundError:
+        raise ValueError(f"The Hub repo {where} has no {CONFIG_NAME}.") from None

@@ -8,6 +8,20 @@ from typing import Any
 import torch
 
 
+def holdout_every(eval_fraction: float) -> int:
+    """Every how many documents one is held out: ``max(2, round(1 / eval_fraction))``.
+
+    Raises:
+        ValueError: ``eval_fraction`` is not a number in (0, 0.5] (at most every second document can be held out).
+    """
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction <= 0.5:
+        raise ValueError(
+            f"`eval_fraction` must be in (0, 0.5], got {eval_fraction!r}: it is the share of documents held out for "
+            "evaluation (e.g. 0.1 holds out every 10th)."
+        )
+    return max(2, round(1 / eval_fraction))
+
+
 def load_default_corpus(split: str = "train", eval_fraction: float = 0.1) -> list[str]:
     """Real English text that ships with CPython (the ``pydoc_data`` reference topics, ~465k characters).
 
@@ -27,8 +41,8 @@ def load_default_corpus(split: str = "train", eval_fraction: float = 0.1) -> lis
             "The embedded default corpus needs CPython's `pydoc_data` module, which this Python lacks; "
             "pass your own text (e.g. `--dataset_path my.txt`)."
         ) from err
+    every = holdout_every(eval_fraction)
     names = sorted(topics)
-    every = max(2, round(1 / eval_fraction))
     if split == "all":
         chosen = names
     else:
@@ -41,7 +55,13 @@ def load_text_file(path: str, split: str = "all", eval_fraction: float = 0.1) ->
 
     Every ``round(1 / eval_fraction)``-th article is held out for ``split="eval"``; the others are ``"train"``.
     Files without headings are split into paragraphs of blank-line-separated text instead.
+
+    Raises:
+        ValueError: ``split`` is not ``"train"``, ``"eval"`` or ``"all"``, or ``eval_fraction`` is not in (0, 0.5].
     """
+    if split not in ("train", "eval", "all"):
+        raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}.")
+    every = holdout_every(eval_fraction) if split != "all" else None
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     articles: list[list[str]] = []
@@ -55,9 +75,8 @@ def load_text_file(path: str, split: str = "all", eval_fraction: float = 0.1) ->
         text = "\n".join(lines)
         articles = [[p] for p in text.split("\n\n") if p.strip()]
     docs = ["\n".join(a).strip() for a in articles if "".join(a).strip()]
-    if split == "all":
+    if every is None:
         return docs
-    every = max(2, round(1 / eval_fraction))
     return [d for i, d in enumerate(docs) if (i % every == every - 1) == (split == "eval")]
 
 

@@ -1,14 +1,44 @@
-"""Model card and Hub upload of a pruned / distilled model folder."""
+"""Model card and Hub upload of a pruned / distilled model folder (only the files a user wants on the Hub)."""
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 from typing import Any
 
-from transformers.utils import logging
+from .atomic import atomic_write_text
+from .logging import get_logger
 
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
+
+# What goes to the Hub from a model folder: weights, config, generation config, tokenizer, card, provenance,
+# scores, results and plots. Never checkpoints, optimizer / scheduler / RNG state, training_args.bin or any
+# other folder. Patterns apply to top-level files (plus `plots/*.png`).
+HUB_FILE_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "README.md",
+    "minitron_config.json",
+    "minitron_prune_config.json",
+    "minitron_results.json",
+    "architecture_search.json",
+    "plots/*.png",
+)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -88,11 +118,63 @@ def render_model_card(info: dict[str, Any]) -> str:
 
 
 def write_model_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
-    """Write ``README.md`` into ``folder`` and return its path."""
-    path = os.path.join(os.fspath(folder), "README.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render_model_card(info))
-    return path
+    """Write ``README.md`` into ``folder`` (atomically) and return its path."""
+    return atomic_write_text(os.path.join(os.fspath(folder), "README.md"), render_model_card(info))
+
+
+def hub_files(folder: str | os.PathLike) -> list[str]:
+    """The files of ``folder`` that :func:`push_folder_to_hub` uploads (relative paths, sorted).
+
+    Top-level files matching :data:`HUB_FILE_PATTERNS`, ``plots/*.png``, and the Python files named by
+    ``config.json``'s ``auto_map`` (a remote-code model cannot load without them). Everything else (checkpoints,
+    ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``, ``training_args.bin``, stage folders) stays local.
+    """
+    folder = os.fspath(folder)
+    code = set()
+    config_path = os.path.join(folder, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            auto_map = json.load(f).get("auto_map") or {}
+        for ref in auto_map.values():
+            for item in ref if isinstance(ref, (list, tuple)) else [ref]:
+                if isinstance(item, str) and "--" not in item:  # "repo--module.Class" lives in another repo
+                    code.add(item.rsplit(".", 1)[0] + ".py")
+    selected = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if os.path.relpath(os.path.join(root, d), folder) == "plots"]
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel in code or any(fnmatch.fnmatchcase(rel, p) for p in HUB_FILE_PATTERNS if ("/" in p) == ("/" in rel)):
+                selected.append(rel)
+    return sorted(selected)
+
+
+def check_hub_push(repo_id: str | None, token: str | None = None) -> str:
+    """Check, without any network access, that a push can be attempted; returns the token to use.
+
+    Raises:
+        ValueError: no ``repo_id``, a malformed one, or no token (argument, ``HF_TOKEN`` or ``hf auth login``).
+    """
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id:
+        raise ValueError("`push_to_hub` needs `hub_model_id` (e.g. --hub_model_id me/smollm2-minitron).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"`hub_model_id` {repo_id!r} is not a valid Hub repo id ({err}); use `owner/name`.") from None
+    token = token or get_token()
+    if not token:
+        raise ValueError(
+            "Pushing to the Hub needs a token with write access and none was found: run `hf auth login`, set the "
+            "HF_TOKEN environment variable, or pass `--hub_token` (Python: `token=`). Nothing was uploaded."
+        )
+    return token
+
+
+def _exact_pattern(path: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
 def push_folder_to_hub(
@@ -102,16 +184,30 @@ def push_folder_to_hub(
     private: bool | None = None,
     commit_message: str = "Upload Minitron-pruned model (hf-minitron)",
 ) -> str:
-    """Upload everything in ``folder`` (weights, tokenizer, card, provenance, scores) to ``repo_id``.
+    """Upload the model files of ``folder`` (see :func:`hub_files`) to ``repo_id``; returns the commit URL.
+
+    Uses ``huggingface_hub``'s ``create_repo`` and ``upload_folder`` with ``allow_patterns`` set to exactly the
+    selected files, so checkpoints, optimizer / scheduler / RNG state and stage folders never leave the machine.
+
+    Raises:
+        ValueError: no token or a malformed ``repo_id`` (checked before any request), or no model files in
+            ``folder``.
 
     Example:
-        >>> push_folder_to_hub("smollm2-pruned", "me/smollm2-pruned")  # doctest: +SKIP
+        >>> push_folder_to_hub("runs/smollm2-minitron/final", "me/smollm2-pruned")  # doctest: +SKIP
     """
     from huggingface_hub import HfApi
 
+    token = check_hub_push(repo_id, token)
+    folder = os.fspath(folder)
+    files = hub_files(folder)
+    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"{folder!r} holds no model to push (config.json and *.safetensors weights are needed).")
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_id = getattr(repo, "repo_id", repo_id)
-    logger.info(f"Uploading {folder} to {repo_id}")
-    info = api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message)
+    logger.info(f"Uploading {len(files)} files from {folder} to {repo_id}")
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message=commit_message, allow_patterns=[_exact_pattern(f) for f in files]
+    )
     return getattr(info, "commit_url", str(info))

@@ -5,16 +5,35 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .atomic import atomic_write_bytes
 from .importance import ImportanceScores
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (7, 4.5), **subplot_kw: Any):
+    """A ``matplotlib`` figure and its axes drawn by the Agg (file) renderer, touching no global state.
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    Uses :class:`matplotlib.figure.Figure` directly instead of ``pyplot``, so the caller's backend (a notebook's
+    inline or interactive one) is neither chosen nor changed, and no figure is left in pyplot's registry.
 
-    return plt
+    Raises:
+        ImportError: matplotlib is not installed (``pip install hf-minitron[plots]``).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, **subplot_kw)
+    return fig, axes
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> str:
+    """Write ``fig`` as a PNG through a temporary sibling and a rename; returns ``path``."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_importance(scores: ImportanceScores, path: str | os.PathLike, title: str = "") -> str:
@@ -23,8 +42,7 @@ def plot_importance(scores: ImportanceScores, path: str | os.PathLike, title: st
     Example:
         >>> plot_importance(scores, "importance.png")  # doctest: +SKIP
     """
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = new_figure(2, 2, figsize=(11, 7))
     layers = range(scores.num_layers)
     axes[0, 0].imshow(scores.heads.float().numpy().T, aspect="auto", origin="lower", cmap="viridis")
     axes[0, 0].set(title="head importance", xlabel="layer", ylabel="head")
@@ -42,16 +60,13 @@ def plot_importance(scores: ImportanceScores, path: str | os.PathLike, title: st
     axes[1, 1].set(title="hidden-channel importance (sorted)", xlabel="rank", yscale="log")
     fig.suptitle(title or "hf-minitron activation importance")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.fspath(path)
+    return save_figure(fig, path)
 
 
 def plot_loss_curves(log_history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> str:
     """Every logged loss component (``kd_loss``, ``ce_loss``, ``hidden_state_loss``, ...) against the step."""
-    plt = _pyplot()
     keys = sorted({k for h in log_history for k in h if k.endswith("loss") and k not in ("train_loss",)})
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(figsize=(7, 4.5))
     for key in keys:
         points = [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
         if points:
@@ -59,6 +74,4 @@ def plot_loss_curves(log_history: list[dict[str, Any]], path: str | os.PathLike,
     ax.set(xlabel="step", ylabel="loss", title=title or "distillation losses", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.fspath(path)
+    return save_figure(fig, path)

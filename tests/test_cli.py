@@ -52,3 +52,18 @@ def test_cli_usage_and_console_script():
     assert err.value.code == 2
     proc = subprocess.run([sys.executable, "-m", "hf_minitron.cli", "prune", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--hidden_size" in proc.stdout and "--importance" in proc.stdout
+
+
+def test_cli_prune_under_two_processes_scores_sharded_and_writes_once(recipe_assets, tmp_path):
+    """`accelerate launch -m hf_minitron.cli prune`: both processes score half the samples, only the main one writes."""
+    model_dir, corpus = recipe_assets
+    out = tmp_path / "pruned"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--main_process_port", "29537",
+           "-m", "hf_minitron.cli", "prune", "--model_name_or_path", model_dir, "--dataset_path", corpus, "--seq_length", "32",
+           "--num_calibration_samples", "8", "--hidden_size", "32", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"output_dir"') == 1  # one report, from the main process
+    assert json.load(open(out / "config.json"))["hidden_size"] == 32
+    assert json.load(open(out / "minitron_config.json"))["importance"]["num_samples"] == 8  # both shards counted once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temporary folder left behind

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -148,18 +149,33 @@ def test_recipe_under_accelerate_config(recipe_assets, tmp_path, engine):
     out = str(tmp_path / "run")
     proc = _launch_recipe(engine, *recipe_assets, out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    results = json.load(open(os.path.join(out, RESULTS_NAME)))
+    results = json.load(open(os.path.join(out, "final", RESULTS_NAME)))
     assert [r["model"] for r in results["rows"]] == [
         "teacher (original)", "teacher (corrected)", "pruned (zero-shot)", "distilled"]
     assert all(r["perplexity"] > 1 for r in results["rows"])
-    assert_final_folder_loads_with_stock_transformers(out)
-    history = json.load(open(os.path.join(out, "distill_log_history.json")))
+    assert_final_folder_loads_with_stock_transformers(os.path.join(out, "final"))
+    history = json.load(open(os.path.join(out, "distilled", "distill_log.json")))["log_history"]
     assert len([h for h in history if "kd_loss" in h]) == 4
     state = json.load(open(os.path.join(out, STATE_NAME)))
-    assert state["stages"]["importance"]["num_samples"] == 16  # both shards counted once
-    # The corrected teacher and the distilled student were gathered from their shards into stock checkpoints
+    assert state["stages"]["importance"]["info"]["num_samples"] == 16  # both shards counted once
+    # The corrected teacher and the distilled student were gathered from their shards into stock checkpoints, and the
+    # shared folders they were gathered in are gone
     for folder in ("teacher_corrected", "distilled"):
         assert type(AutoModelForCausalLM.from_pretrained(os.path.join(out, folder))) is LlamaForCausalLM
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    if engine == "fsdp2":
+        # The student's checkpoints are FSDP's DCP shards, not full copies. A run killed after its last checkpoint but
+        # before `distilled/` was written takes the weights from those shards (merged by accelerate), not by training
+        assert os.path.isdir(os.path.join(out, "distill_checkpoints", "checkpoint-4", "pytorch_model_fsdp_0"))
+        distilled = AutoModelForCausalLM.from_pretrained(os.path.join(out, "distilled")).state_dict()
+        shutil.rmtree(os.path.join(out, "distilled"))
+        proc = _launch_recipe(engine, *recipe_assets, out)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        assert "Distillation had finished in" in proc.stderr
+        again = AutoModelForCausalLM.from_pretrained(os.path.join(out, "distilled")).state_dict()
+        for k, v in distilled.items():
+            torch.testing.assert_close(again[k], v, rtol=0, atol=0, msg=k)
+        assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
 # ------------------------------------------------------------------------------ set-up checks (no process group)

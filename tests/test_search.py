@@ -190,7 +190,7 @@ def test_zero_shot_ranking_and_determinism(untied):
 def test_ties_are_broken_deterministically(untied, monkeypatch):
     model, scores = untied
     # Equal losses everywhere: the order falls back to |params - target|, then the larger shape first.
-    monkeypatch.setattr("hf_minitron.search.heldout_loss", lambda m, b: 1.0)
+    monkeypatch.setattr("hf_minitron.search.orchestrate.heldout_loss", lambda m, b: 1.0)
     result = search_architectures(model, scores, target_params=0.6, max_candidates=5, eval_dataset=random_batches(num=1))
     keys = [(abs(c.num_params - result.target_params), tuple(-v for v in c.shape)) for c in result]
     assert keys == sorted(keys)

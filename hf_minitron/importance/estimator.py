@@ -33,7 +33,8 @@ from ..architectures import ArchitectureLayout
 from ..architectures.depth import without_layers
 from ..config import MinitronPruneConfig
 from ..data import batch_samples, to_samples
-from ..validation import check_prunable_model
+from ..evaluation import masked_nll
+from ..validation import check_prunable_model, check_token_ids
 from .scores import ImportanceScores
 
 
@@ -368,6 +369,7 @@ def _calibration_batches(model, calibration_data, config, tokenizer) -> list[dic
     )
     if all(s.numel() < 2 for s in samples):
         raise ValueError("The calibration data is too short: every sequence has fewer than 2 tokens.")
+    check_token_ids(samples, model.config, what="calibration data")
     if len(samples) < config.num_calibration_samples:
         logger.warning(
             f"Using {len(samples)} calibration samples (asked for {config.num_calibration_samples}); "
@@ -386,22 +388,12 @@ def layer_perplexities(
     One pass over ``batches`` per layer (costly; the papers' alternative to Block Importance).
     """
     num_layers = len(layout.decoder_layers(model))
-    device = _input_device(model, layout)
     results = []
     for skip in tqdm(range(num_layers), desc="Layer perplexity", disable=not show_progress):
         # Exactly the model depth pruning would give: per-layer config lists (attention types) follow the layers.
         with without_layers(model, layout, [skip]):
-            nll, count = torch.zeros((), dtype=torch.float64), 0
-            for batch in batches:
-                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                loss = nn.functional.cross_entropy(
-                    logits[:, :-1].float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=-100, reduction="sum"
-                )
-                nll += loss.double().cpu()
-                count += int((targets != -100).sum())
-            totals = torch.tensor([nll.item(), float(count)], dtype=torch.float64)
+            nll, count = masked_nll(model, batches)
+            totals = torch.tensor([nll, float(count)], dtype=torch.float64)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(totals)
         results.append(math.exp(totals[0].item() / max(totals[1].item(), 1.0)))

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ..atomic import atomic_write_bytes
 
 from ..config import HIDDEN_IMPORTANCE_SOURCES
 
@@ -184,11 +186,8 @@ class ImportanceScores:
         path = str(path)
         if os.path.isdir(path):
             path = os.path.join(path, SCORES_NAME)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors().items()}
-        save_file(tensors, tmp, metadata={"hf_minitron": json.dumps(self.metadata, sort_keys=True)})
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save(tensors, metadata={"hf_minitron": json.dumps(self.metadata, sort_keys=True)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ImportanceScores":

@@ -6,8 +6,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -20,7 +18,8 @@ from ..architectures import ArchitectureLayout
 from ..architectures.depth import keep_layers
 from ..config import MinitronPruneConfig
 from ..importance import ImportanceScores, estimate_importance
-from ..validation import check_prunable_model
+from ..atomic import staged_dir
+from ..validation import check_prunable_model, drop_dequantized_gguf_marker, without_dequantized_gguf_marker
 from .plan import PrunePlan, make_plan, resolve_target_sizes
 from .slicing import expand_heads, slice_embedding, slice_linear, slice_norm
 
@@ -315,6 +314,7 @@ def prune_model(
     plan = make_plan(config, source, importance)
     check_plan_reloads(model, plan, layout)
     apply_plan(model, plan, layout)
+    drop_dequantized_gguf_marker(model)  # the pruned model is a new float model; the GGUF marker would block saving
     model.minitron_provenance = {
         "hf_minitron_version": __version__,
         "source_model": getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "",
@@ -341,38 +341,40 @@ def save_pruned_model(
     overwrite: bool = False,
     **save_kwargs,
 ) -> str:
-    """Save a pruned model, its tokenizer, provenance and (optionally) scores, atomically.
+    """Save a pruned model, its tokenizer, provenance and (optionally) scores, crash-safely.
 
-    Everything is written to a temporary folder beside ``save_directory`` and moved into place at the end,
-    so an interrupted save never leaves a half-written model. The weights load with stock
-    ``AutoModelForCausalLM.from_pretrained`` (no hf_minitron import needed).
+    Everything is written to a temporary sibling folder, fsynced and renamed into place; with ``overwrite=True``
+    an existing folder is moved aside and deleted only once the new one is in place, so a kill at any point leaves
+    either the old or the new complete folder (stale temporaries are cleaned by the next save into the same
+    parent). The weights load with stock ``AutoModelForCausalLM.from_pretrained`` (no hf_minitron import needed).
+    A dequantized GGUF model's leftover ``quantization_config`` is left out of the saved config (the caller's
+    model keeps it).
+
+    Raises:
+        ValueError: ``save_directory`` is a file, or a non-empty folder without ``overwrite=True``, or its parent
+            is not writable.
 
     Example:
         >>> save_pruned_model(small, "smollm2-pruned", tokenizer=tokenizer)  # doctest: +SKIP
     """
     save_directory = os.path.abspath(os.fspath(save_directory))
-    if os.path.exists(save_directory) and os.listdir(save_directory) and not overwrite:
-        raise ValueError(f"{save_directory} exists and is not empty; pass overwrite=True or choose another folder.")
-    parent = os.path.dirname(save_directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        model.save_pretrained(tmp, **save_kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        provenance = getattr(model, "minitron_provenance", None)
-        if provenance is not None:
-            with open(os.path.join(tmp, PROVENANCE_NAME), "w", encoding="utf-8") as f:
-                json.dump(provenance, f)
-        if importance is not None:
-            importance.save(tmp)
-        if os.path.exists(save_directory):
-            shutil.rmtree(save_directory)
-        os.replace(tmp, save_directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(save_directory, overwrite=overwrite) as tmp:
+        write_model_folder(model, tmp, tokenizer=tokenizer, importance=importance, **save_kwargs)
     return save_directory
+
+
+def write_model_folder(model: nn.Module, folder: str, tokenizer=None, importance: ImportanceScores | None = None, **save_kwargs) -> None:
+    """Write the files of :func:`save_pruned_model` into an existing (temporary) ``folder``, not atomically."""
+    with without_dequantized_gguf_marker(model):
+        model.save_pretrained(folder, **save_kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    provenance = getattr(model, "minitron_provenance", None)
+    if provenance is not None:
+        with open(os.path.join(folder, PROVENANCE_NAME), "w", encoding="utf-8") as f:
+            json.dump(provenance, f)
+    if importance is not None:
+        importance.save(folder)
 
 
 def load_provenance(path: str | os.PathLike) -> dict:
