@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .architectures import ArchitectureLayout, LogitTransform, get_layout, register_layout, supported_model_types
 from .config import MinitronPruneConfig
+from .counting import active_params, count_params
 from .data import load_default_corpus, load_text_file
 from .cloze import build_cloze_examples, write_cloze_task
 from .distillation import DistillationConfig, DistillationTrainer
@@ -24,6 +25,8 @@ __all__ = [
     "LogitTransform",
     "MinitronPruneConfig",
     "PROVENANCE_NAME",
+    "active_params",
+    "count_params",
     "estimate_importance",
     "estimate_importance_streaming",
     "get_layout",

@@ -49,7 +49,12 @@ class PruneCommandArguments:
 
 @dataclass
 class SearchCommandArguments:
-    target_params: float = field(default=0.6, metadata={"help": "Fraction (<= 1) of the source's parameters, or a count."})
+    target_params: float | None = field(
+        default=None, metadata={"help": "Fraction (<= 1) of the source's parameters, or a count (0.6 when no target is set)."}
+    )
+    target_active_params: float | None = field(
+        default=None, metadata={"help": "MoE: parameters used per token, a fraction (<= 1) of the source's or a count."}
+    )
     tolerance: float = field(default=0.05, metadata={"help": "Relative window around the target."})
     search_space: str = field(default="all", metadata={"help": "all, width or depth."})
     max_candidates: int = field(default=6, metadata={"help": "Candidates to evaluate."})
@@ -256,7 +261,8 @@ def _search(argv: list[str]) -> None:
     config = MinitronPruneConfig(num_calibration_samples=args.num_calibration_samples, calibration_seq_length=data.seq_length)
     scores = ImportanceScores.load(args.importance) if args.importance else estimate_importance(model, train_blocks, config)
     result = search_architectures(
-        model, scores, target_params=args.target_params, tolerance=args.tolerance, search_space=args.search_space,
+        model, scores, target_params=args.target_params if args.target_params or args.target_active_params else 0.6,
+        target_active_params=args.target_active_params, tolerance=args.tolerance, search_space=args.search_space,
         max_candidates=args.max_candidates, retrain_steps=args.retrain_steps, train_dataset=train_blocks,
         eval_dataset=eval_blocks, use_lora=args.use_lora, prune_config=config, tokenizer=tokenizer, seq_length=data.seq_length,
     )

@@ -34,7 +34,18 @@ HIDDEN_IMPORTANCE_SOURCES = ("matmul_inputs", "pre_sublayer", "all_norms", "all_
 #                 channels are zero.
 #   "none":       gains kept as they are (`rescale_norms=False`).
 NORM_CORRECTIONS = ("calibrated", "sqrt", "none")
-TARGET_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+TARGET_FIELDS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+    "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "mamba_num_heads", "mamba_head_dim",
+)
+# How routed experts are ranked (all recorded in the same pass; see `ImportanceScores.expert_scores`):
+#   "output_norm":    aggregated ||w_t * expert(x_t)||, the routing-weighted output norm of the expert (0 for tokens not
+#                     routed to it): the expert analogue of the attention-head score.
+#   "routing_weight": aggregated routing weight w_t the router gave the expert (0 when not in the token's top-k).
+#   "router_probability": aggregated router probability of the expert on every token, picked or not (softmax, or sigmoid
+#                     for Nemotron-H, of the router logits).
+#   "frequency":      aggregated share of tokens routed to the expert.
+EXPERT_IMPORTANCE_SOURCES = ("output_norm", "routing_weight", "router_probability", "frequency")
 
 
 @dataclass
@@ -48,7 +59,18 @@ class MinitronPruneConfig(PushToHubMixin):
         intermediate_size: Target MLP width (the same for every layer).
         num_attention_heads: Target query heads; a multiple of the target ``num_key_value_heads``.
         num_key_value_heads: Target KV heads (whole KV groups are dropped with their query heads).
-        num_hidden_layers: Target depth; layers are ranked by ``depth_criterion``.
+        num_hidden_layers: Target depth; layers of every block type (attention, Mamba, MLP, MoE) are ranked by
+            ``depth_criterion``.
+        num_experts: Target routed experts per MoE layer (Mixtral / Qwen3-MoE / GraniteMoeHybrid
+            ``num_local_experts``, OLMoE / Qwen-MoE ``num_experts``, Nemotron-H ``n_routed_experts``); must stay
+            ``>= num_experts_per_tok``. Experts are ranked per layer by ``expert_importance``.
+        moe_intermediate_size: Target width of every routed expert (one width for all experts and layers: each
+            expert keeps its own best neurons). Mixtral / OLMoE / GraniteMoeHybrid call it ``intermediate_size``.
+        shared_expert_intermediate_size: Target width of the shared expert (Qwen2-MoE, Nemotron-H
+            ``moe_shared_expert_intermediate_size``, GraniteMoeHybrid ``shared_intermediate_size``).
+        mamba_num_heads: Target Mamba2 heads per Mamba layer, a multiple of the SSM groups (``n_groups``): heads are
+            ranked within each group and every group keeps the same count (arXiv 2504.11409).
+        mamba_head_dim: Target channels per Mamba head (each head keeps its own best channels).
         layers_to_drop: Explicit source layer indices to remove (overrides ranking).
         batch_aggregation: How per-sample scores are reduced over samples: ``"l2"``, ``"mean"`` or ``"var"``.
         sequence_aggregation: How per-token activations are reduced over a sample's tokens.
@@ -73,6 +95,9 @@ class MinitronPruneConfig(PushToHubMixin):
             pre-norm), ``"all_norms"`` (every norm's output, post-sublayer "sandwich" norms included: hf-minitron
             0.1), ``"all_norms_normalized"`` (each norm's scores scaled to mean 1 before summing) or ``"residual"``
             (each layer's output). A pruning-time choice: one importance pass records every source.
+        expert_importance: How routed experts are ranked, one of ``EXPERT_IMPORTANCE_SOURCES``: ``"output_norm"``
+            (default: the routing-weighted output norm of the expert), ``"routing_weight"`` (routing weight mass),
+            ``"router_probability"`` (router probability on every token) or ``"frequency"`` (share of tokens routed). A pruning-time choice: one importance pass records all three.
         num_calibration_samples: Calibration sequences to use (the papers use 1024).
         calibration_seq_length: Tokens per calibration sequence when text is tokenized for you.
         calibration_batch_size: Sequences per forward pass.
@@ -90,6 +115,11 @@ class MinitronPruneConfig(PushToHubMixin):
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     num_hidden_layers: int | None = None
+    num_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    mamba_num_heads: int | None = None
+    mamba_head_dim: int | None = None
     layers_to_drop: list[int] | None = None
     batch_aggregation: str = "l2"
     sequence_aggregation: str = "mean"
@@ -98,6 +128,7 @@ class MinitronPruneConfig(PushToHubMixin):
     rescale_norms: str = "calibrated"
     hidden_importance_source: str = "matmul_inputs"
     merge_pruned_heads: bool = False
+    expert_importance: str = "output_norm"
     num_calibration_samples: int = 1024
     calibration_seq_length: int = 512
     calibration_batch_size: int = 8
@@ -123,6 +154,10 @@ class MinitronPruneConfig(PushToHubMixin):
         if self.hidden_importance_source not in HIDDEN_IMPORTANCE_SOURCES:
             raise ValueError(
                 f"`hidden_importance_source` must be one of {HIDDEN_IMPORTANCE_SOURCES}, got {self.hidden_importance_source!r}."
+            )
+        if self.expert_importance not in EXPERT_IMPORTANCE_SOURCES:
+            raise ValueError(
+                f"`expert_importance` must be one of {EXPERT_IMPORTANCE_SOURCES}, got {self.expert_importance!r}."
             )
         if self.depth_criterion not in DEPTH_CRITERIA:
             raise ValueError(f"`depth_criterion` must be one of {DEPTH_CRITERIA}, got {self.depth_criterion!r}.")

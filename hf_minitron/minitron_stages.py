@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .atomic import atomic_write_json, atomic_write_text, check_writable_dir, clean_stale_temp, kill_point, remove_dir
-from .config import MinitronPruneConfig
+from .config import TARGET_FIELDS, MinitronPruneConfig
 from .data import pack_texts
 from .distillation.sharding import gather_full_state_dict, release_deepspeed_accelerator, sharded_engine
 from .evaluation import masked_nll, perplexity
@@ -53,7 +53,7 @@ from .validation import check_token_ids
 logger = get_logger(__name__)
 
 _CALIBRATION_FIELDS = ("num_calibration_samples", "calibration_seq_length", "calibration_batch_size")
-_TARGET_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "layers_to_drop")
+_TARGET_FIELDS = TARGET_FIELDS + ("layers_to_drop",)
 # DistillationConfig fields that change neither the trained weights nor the data order: left out of the fingerprint.
 _TRAINING_FIELDS_WITHOUT_EFFECT = (
     "output_dir", "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
@@ -370,7 +370,7 @@ class SearchStage(Stage):
 
     def settings(self, ctx: RecipeContext) -> dict[str, Any]:
         a = ctx.args
-        return {"target_params": a.target_params, "tolerance": a.search_tolerance, "search_space": a.search_space,
+        return {"target_params": a.target_params, "target_active_params": a.target_active_params, "tolerance": a.search_tolerance, "search_space": a.search_space,
                 "max_candidates": a.search_max_candidates, "retrain_steps": a.search_retrain_steps, "use_lora": a.search_use_lora,
                 "seed": ctx.training_args.seed, **_prune_settings(ctx.prune_config, with_target=False)}
 
@@ -379,7 +379,8 @@ class SearchStage(Stage):
 
         a = ctx.args
         result = search_architectures(
-            inputs["teacher"], inputs["importance"], target_params=a.target_params, tolerance=a.search_tolerance,
+            inputs["teacher"], inputs["importance"], target_params=a.target_params,
+            target_active_params=a.target_active_params, tolerance=a.search_tolerance,
             search_space=a.search_space, max_candidates=a.search_max_candidates, retrain_steps=a.search_retrain_steps,
             train_dataset=inputs["train"], eval_dataset=inputs["held_out"], use_lora=a.search_use_lora, prune_config=ctx.prune_config,
             tokenizer=inputs["tokenizer"], seq_length=a.seq_length, seed=ctx.training_args.seed,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import MinitronPruneConfig
+from .config import TARGET_FIELDS, MinitronPruneConfig
 from .data import holdout_every, load_default_corpus, load_text_file
 from .distillation.sharding import whole_model_loading
 from .logging import get_logger
@@ -86,6 +86,11 @@ class MinitronRecipeArguments(ModelDataArguments):
     num_attention_heads: int | None = field(default=None, metadata={"help": "Target query heads."})
     num_key_value_heads: int | None = field(default=None, metadata={"help": "Target KV heads."})
     num_hidden_layers: int | None = field(default=None, metadata={"help": "Target layers."})
+    num_experts: int | None = field(default=None, metadata={"help": "MoE: target routed experts per layer."})
+    moe_intermediate_size: int | None = field(default=None, metadata={"help": "MoE: target width of each expert."})
+    shared_expert_intermediate_size: int | None = field(default=None, metadata={"help": "MoE: target shared-expert width."})
+    mamba_num_heads: int | None = field(default=None, metadata={"help": "Hybrid: target Mamba heads (a multiple of n_groups)."})
+    mamba_head_dim: int | None = field(default=None, metadata={"help": "Hybrid: target Mamba head dim."})
     layers_to_drop: list[int] | None = field(default=None, metadata={"help": "Explicit layers to drop."})
     depth_criterion: str = field(default="block_importance", metadata={"help": "block_importance or perplexity."})
     batch_aggregation: str = field(default="l2", metadata={"help": "l2, mean or var over samples."})
@@ -105,6 +110,9 @@ class MinitronRecipeArguments(ModelDataArguments):
     # Architecture search (replaces the explicit target)
     search: bool = field(default=False, metadata={"help": "Search the pruned shape within ±tolerance of target_params."})
     target_params: float | None = field(default=None, metadata={"help": "Search target: a fraction (<= 1) or a count."})
+    target_active_params: float | None = field(
+        default=None, metadata={"help": "MoE search target: parameters used per token, a fraction (<= 1) or a count."}
+    )
     search_tolerance: float = field(default=0.05, metadata={"help": "Relative window around target_params."})
     search_space: str = field(default="all", metadata={"help": "all, width (depth fixed) or depth (width fixed)."})
     search_max_candidates: int = field(default=6, metadata={"help": "Candidates to evaluate."})
@@ -141,7 +149,7 @@ class MinitronRecipeArguments(ModelDataArguments):
         return self.model_name_or_path is None
 
     def prune_config(self) -> MinitronPruneConfig:
-        targets = {k: getattr(self, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")}
+        targets = {k: getattr(self, k) for k in TARGET_FIELDS}
         if self.uses_embedded_model and not self.search and all(v is None for v in targets.values()) and not self.layers_to_drop:
             targets.update(EMBEDDED_DEFAULT_TARGET)
         config = MinitronPruneConfig(
@@ -158,8 +166,13 @@ class MinitronRecipeArguments(ModelDataArguments):
             calibration_batch_size=self.calibration_batch_size,
         )
         if self.search:
-            if self.target_params is None or self.target_params <= 0:
-                raise ValueError("`search: true` needs `target_params` (a fraction such as 0.6, or a parameter count).")
+            if (self.target_params is None or self.target_params <= 0) and (
+                self.target_active_params is None or self.target_active_params <= 0
+            ):
+                raise ValueError(
+                    "`search: true` needs `target_params` (a fraction such as 0.6, or a parameter count) and/or, for MoE "
+                    "models, `target_active_params` (parameters used per token)."
+                )
             return config
         if all(getattr(config, k) is None for k in targets) and not config.layers_to_drop:
             raise ValueError("Nothing to prune: set at least one of hidden_size, intermediate_size, num_attention_heads, "

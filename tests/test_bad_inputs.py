@@ -262,6 +262,29 @@ def _(env):
     search_architectures(tiny_llama(), None, target_params=1.5)
 
 
+@trigger("search-no-target")
+def _(env):
+    from hf_minitron.search import search_architectures
+
+    search_architectures(tiny_llama(), None, target_params=None)
+
+
+@trigger("search-expert-axis-dense")
+def _(env):
+    from hf_minitron.search import search_architectures
+
+    search_architectures(tiny_llama(), None, 0.6, search_space={"num_experts": [4]})
+
+
+@trigger("search-mixed-depth-without-scores")
+def _(env):
+    from hf_minitron.search import search_architectures
+
+    from test_moe_hybrid import make
+
+    search_architectures(make("nemotron_h"), None, 0.7, search_space={"num_hidden_layers": [6, 5]})
+
+
 @trigger("push-no-token")
 def _(env):
     import huggingface_hub

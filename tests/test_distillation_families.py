@@ -19,6 +19,7 @@ from hf_minitron.distillation.checks import output_head
 
 from conftest import perturb_
 from test_architectures import DONE_WHEN, FAMILIES, SIZES, make, scores_for
+from test_moe_hybrid import FAMILIES as BLOCK_FAMILIES, make as make_block, scores_for as block_scores_for
 
 
 VOCAB = SIZES["vocab_size"]
@@ -67,7 +68,7 @@ def _check_against_own_logits(trainer, kd_losses=("forward_kl", "reverse_kl", "j
 
 
 def test_every_registered_family_is_covered():
-    assert set(FAMILIES) == set(supported_model_types())
+    assert set(FAMILIES) | set(BLOCK_FAMILIES) == set(supported_model_types())
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -82,6 +83,21 @@ def test_every_family_kd_loss_equals_own_logits(tmp_path, name):
         assert trainer.student_logit_transforms == trainer.teacher_logit_transforms == (("divide", 8.0),)
     if name in ("gemma2", "gemma3_text"):
         assert trainer.student_logit_transforms[0][0] == "softcap"
+    _check_against_own_logits(trainer)
+
+
+# Post-head transforms of the MoE / hybrid families at the values of their test configs (test_moe_hybrid.FAMILIES)
+BLOCK_TRANSFORMS = {"granitemoehybrid": (("divide", 4.0),), "falcon_h1": (("scale", 0.5),)}
+
+
+@pytest.mark.parametrize("name", list(BLOCK_FAMILIES))
+def test_every_moe_and_hybrid_family_kd_loss_equals_own_logits(tmp_path, name):
+    teacher = make_block(name, seed=0)
+    target = MinitronPruneConfig(**BLOCK_FAMILIES[name].done_when)  # experts, expert width, hidden, depth, Mamba heads
+    student = prune_model(copy.deepcopy(teacher), target, importance=block_scores_for(teacher))
+    perturb_(student, seed=1, scale=0.3).train()
+    trainer = _trainer(tmp_path, student, teacher, temperature=2.0)
+    assert trainer.student_logit_transforms == trainer.teacher_logit_transforms == BLOCK_TRANSFORMS.get(name, ())
     _check_against_own_logits(trainer)
 
 

@@ -1,5 +1,6 @@
 """Architecture registry: one small data entry per model family, plus a generic Llama-like fallback."""
 
+from .blocks import MambaLayout, MoELayout
 from .generic import infer_layout, probe_norm_kind
 from .layout import EMBED_SCALES, NORM_KINDS, QK_NORM_SCOPES, ArchitectureLayout
 from .logits import (
@@ -18,6 +19,8 @@ __all__ = [
     "EMBED_SCALES",
     "LOGIT_TRANSFORM_KINDS",
     "LogitTransform",
+    "MambaLayout",
+    "MoELayout",
     "NORM_KINDS",
     "QK_NORM_SCOPES",
     "apply_logit_transforms",

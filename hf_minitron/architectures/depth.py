@@ -2,8 +2,9 @@
 
 Both go through :func:`keep_layers`, so a layer's perplexity score is measured on exactly the model that depth
 pruning would produce: the layer list, every per-layer config list (``layer_types``: which attention each position
-runs), prefix-count fields (Qwen2's ``max_window_layers``), ``num_hidden_layers`` and every ``layer_idx`` (the KV
-cache index) follow the kept layers.
+runs; Nemotron-H's ``layers_block_type``: which block each position holds), prefix-count fields (Qwen2's
+``max_window_layers``), the list of dense layers of MoE families (Qwen-MoE ``mlp_only_layers``), ``num_hidden_layers``
+and every ``layer_idx`` (the KV / SSM cache index) follow the kept layers.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ def keep_layers(model: nn.Module, layout: ArchitectureLayout, keep: Sequence[int
         if isinstance(value, int) and not isinstance(value, bool):
             saved["config"][name] = value
             setattr(config, name, sum(1 for i in keep if i < value))
+    moe = layout.moe
+    if moe is not None and moe.dense_layers_field is not None:
+        # Which layers are sparse is config data (Qwen-MoE: a list of dense layer indices and a step): rewrite it from
+        # the kept layers themselves, as an explicit list with step 1, so the config rebuilds each kept layer's block.
+        saved["config"][moe.dense_layers_field] = getattr(config, moe.dense_layers_field, None)
+        dense = [j for j, i in enumerate(keep) if "moe" not in layout.layer_parts(layers[i])]
+        setattr(config, moe.dense_layers_field, dense)
+        if moe.sparse_step_field is not None:
+            saved["config"][moe.sparse_step_field] = getattr(config, moe.sparse_step_field, None)
+            setattr(config, moe.sparse_step_field, 1)
     saved["config"][layout.num_layers_field] = getattr(config, layout.num_layers_field)
     setattr(config, layout.num_layers_field, len(keep))
     return saved

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .blocks import BLOCK_SIZE_NAMES, MambaLayout, MoELayout
 from .logits import LogitTransform
 
 
@@ -37,9 +38,9 @@ QK_NORM_SCOPES = ("head", "projection")
 EMBED_SCALES = (None, "sqrt_hidden")
 
 # Roles of the per-layer norms, in forward order (the layout field that holds each one):
-#   "pre_attention":  output enters q/k/v                              (``attention_norm``)
+#   "pre_attention":  output enters the token mixer: q/k/v, or a Mamba in_proj (``attention_norm``)
 #   "post_attention": normalises the attention output before the add   (``attention_output_norm``; Gemma2/3, OLMo2)
-#   "pre_mlp":        output enters gate/up                            (``mlp_norm``)
+#   "pre_mlp":        output enters the MLP / MoE router and experts   (``mlp_norm``)
 #   "post_mlp":       normalises the MLP output before the add         (``mlp_output_norm``; Gemma2/3, OLMo2)
 # plus "final" (the final norm; its output enters lm_head) and the q/k norms (``q_norm``/``k_norm``).
 NORM_ROLES = {
@@ -50,7 +51,25 @@ NORM_ROLES = {
 }
 
 # Sizes a module attribute can mirror (see ``attention_attributes`` and friends).
-SIZE_NAMES = ("hidden", "intermediate", "heads", "kv_heads", "kv_groups")
+SIZE_NAMES = ("hidden", "intermediate", "heads", "kv_heads", "kv_groups") + BLOCK_SIZE_NAMES
+
+# The blocks a decoder layer can hold, found per layer from the built model (see `ArchitectureLayout.layer_parts`), and
+# the sublayer slot each belongs to: a "mixer" (token mixing: attention or Mamba) and an "ffn" (MLP, MoE, shared
+# expert). Norm roles follow the slot: a family whose blocks hold one sublayer each (Nemotron-H) gives the same norm as
+# `attention_norm` and `mlp_norm`, and each layer uses the role of the slot it has.
+PART_SLOTS = {"attention": "mixer", "mamba": "mixer", "mlp": "ffn", "moe": "ffn", "shared_expert": "ffn"}
+_ROLE_SLOTS = {"pre_attention": "mixer", "post_attention": "mixer", "pre_mlp": "ffn", "post_mlp": "ffn"}
+# Target sizes (keys of `read_sizes`) and the block that must exist in some layer for them to apply.
+BLOCK_SIZE_KEYS = {
+    "num_attention_heads": "attention",
+    "num_key_value_heads": "attention",
+    "intermediate_size": "mlp",
+    "num_experts": "moe",
+    "moe_intermediate_size": "moe",
+    "shared_expert_intermediate_size": "shared_expert",
+    "mamba_num_heads": "mamba",
+    "mamba_head_dim": "mamba",
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,12 @@ class ArchitectureLayout:
     Attention is either separate ``q_proj``/``k_proj``/``v_proj`` or one fused ``qkv_proj`` whose output rows
     are ``[q (heads * head_dim); k (kv_heads * head_dim); v (kv_heads * head_dim)]`` (Phi-3). The MLP is
     gated (``gate_proj`` + ``up_proj``), fused gated (``gate_up_proj`` with rows ``[gate; up]``, Phi-3), or
-    non-gated (only ``up_proj``, Nemotron).
+    non-gated (only ``up_proj``, Nemotron); ``down_proj=None`` for families without a dense MLP (Mixtral).
+
+    Sparse MoE blocks and Mamba2 mixers are described by the optional sub-layouts ``moe``
+    (:class:`~hf_minitron.architectures.blocks.MoELayout`) and ``mamba``
+    (:class:`~hf_minitron.architectures.blocks.MambaLayout`). Which blocks a layer holds is read off the model (see
+    :meth:`layer_parts`): hybrid families mix attention, Mamba, MLP and MoE layers.
 
     Example:
         >>> from hf_minitron.architectures import get_layout
@@ -96,7 +120,7 @@ class ArchitectureLayout:
     gate_proj: str | None = "mlp.gate_proj"
     up_proj: str | None = "mlp.up_proj"
     gate_up_proj: str | None = None
-    down_proj: str = "mlp.down_proj"
+    down_proj: str | None = "mlp.down_proj"
     # Per-layer norms on the hidden axis, by role (see NORM_ROLES). A *pre-sublayer* norm's output is what the
     # sublayer's first matmul reads (q/k/v, gate/up); a *post-sublayer* ("sandwich", OLMo2-style) norm normalises the
     # sublayer's output before it is added to the residual stream. ``None``: the family has no norm in that place
@@ -113,7 +137,7 @@ class ArchitectureLayout:
     embed_scale_attributes: tuple[str, ...] = ("embed_scale", "scalar_embed_scale")
     # Config field names.
     hidden_size_field: str = "hidden_size"
-    intermediate_size_field: str = "intermediate_size"
+    intermediate_size_field: str | None = "intermediate_size"  # None: no dense MLP (Mixtral's is the expert width)
     num_heads_field: str = "num_attention_heads"
     num_kv_heads_field: str = "num_key_value_heads"
     num_layers_field: str = "num_hidden_layers"
@@ -141,6 +165,11 @@ class ArchitectureLayout:
     # Granite divides by `logits_scaling`, Gemma-2/3 soft-cap. Code that rebuilds logits from the head's weights
     # (the fused distillation loss) applies them.
     logit_transforms: tuple[LogitTransform, ...] = ()
+    # Whether a decoder layer returns ``(hidden_states,)`` rather than the tensor (Falcon-H1).
+    layer_output_tuple: bool = False
+    # Blocks beyond attention + dense MLP.
+    moe: MoELayout | None = None
+    mamba: MambaLayout | None = None
 
     def __post_init__(self) -> None:
         if self.norm_kind not in NORM_KINDS:
@@ -154,15 +183,25 @@ class ArchitectureLayout:
             raise ValueError("Set either q_proj, k_proj and v_proj, or a fused qkv_proj (and q/k/v_proj=None).")
         if self.gate_up_proj is not None and (self.gate_proj is not None or self.up_proj is not None):
             raise ValueError("A fused gate_up_proj replaces gate_proj and up_proj: set those to None.")
-        if self.gate_up_proj is None and self.up_proj is None:
+        if self.down_proj is not None and self.gate_up_proj is None and self.up_proj is None:
             raise ValueError("The MLP needs an up_proj (non-gated / gated) or a fused gate_up_proj.")
+        if (self.down_proj is None) != (self.intermediate_size_field is None):
+            raise ValueError("A family without a dense MLP sets both down_proj=None and intermediate_size_field=None.")
+        # One norm may be both pre-norms when every block holds a single sublayer (Nemotron-H); otherwise one role each.
         paths = [p for p in (self.attention_norm, self.attention_output_norm, self.mlp_norm, self.mlp_output_norm) if p]
-        if len(set(paths)) != len(paths):
-            raise ValueError(f"A norm can hold one role only; got the same path twice in {paths}.")
+        shared_pre = self.attention_norm is not None and self.attention_norm == self.mlp_norm
+        if len(set(paths)) != len(paths) - shared_pre:
+            raise ValueError(f"A norm can hold one role only (or be both pre-norms); got the same path twice in {paths}.")
         if not all(isinstance(t, LogitTransform) for t in self.logit_transforms):
             raise ValueError(f"logit_transforms must be a tuple of LogitTransform, got {self.logit_transforms!r}.")
-        for name in ("attention_attributes", "mlp_attributes", "layer_attributes"):
-            bad = {k: v for k, v in getattr(self, name).items() if v not in SIZE_NAMES}
+        attribute_maps = [(n, getattr(self, n)) for n in ("attention_attributes", "mlp_attributes", "layer_attributes")]
+        for sub in (self.moe, self.mamba):
+            if sub is not None:
+                attribute_maps += [(f"{type(sub).__name__}.attributes[{k!r}]", v) for k, v in sub.attributes.items()]
+        if self.moe is not None:
+            attribute_maps.append(("MoELayout.model_attributes", self.moe.model_attributes))
+        for name, mapping in attribute_maps:
+            bad = {k: v for k, v in mapping.items() if v not in SIZE_NAMES}
             if bad:
                 raise ValueError(f"{name} values must be in {SIZE_NAMES}, got {bad}.")
 
@@ -173,12 +212,20 @@ class ArchitectureLayout:
 
     @property
     def layer_norm_roles(self) -> dict[str, str]:
-        """``{norm path within a layer: role}`` for every per-layer hidden-axis norm, in forward order."""
-        return {getattr(self, attr): role for role, attr in NORM_ROLES.items() if getattr(self, attr) is not None}
+        """``{norm path within a layer: role}`` for every per-layer hidden-axis norm a layer may have, in forward order.
+
+        For a layer of a hybrid family use :meth:`layer_norm_roles_of`, which keeps only the norms of the blocks it holds.
+        """
+        roles: dict[str, str] = {}
+        for role, attr in NORM_ROLES.items():
+            path = getattr(self, attr)
+            if path is not None and path not in roles:
+                roles[path] = role
+        return roles
 
     @property
     def layer_norms(self) -> tuple[str, ...]:
-        """Every per-layer norm on the hidden axis (pre- and post-sublayer), in forward order."""
+        """Every per-layer norm on the hidden axis (pre- and post-sublayer) a layer may have, in forward order."""
         return tuple(self.layer_norm_roles)
 
     def get(self, root: nn.Module, path: str | None) -> nn.Module | None:
@@ -187,8 +234,56 @@ class ArchitectureLayout:
             return None
         return root.get_submodule(path)
 
+    @staticmethod
+    def has(root: nn.Module, path: str | None) -> bool:
+        """Whether ``path`` resolves to a module under ``root`` (``False`` for ``None`` and for attributes set to None)."""
+        if path is None:
+            return False
+        try:
+            root.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
+
+    def layer_parts(self, layer: nn.Module) -> frozenset[str]:
+        """The blocks (keys of ``PART_SLOTS``) one decoder layer holds, read off its modules.
+
+        ``"attention"`` when ``o_proj`` resolves, ``"mamba"`` for the Mamba ``out_proj``, ``"mlp"`` for the dense
+        ``down_proj``, ``"moe"`` for the experts module and ``"shared_expert"`` for the shared expert's ``down_proj``.
+
+        Example:
+            >>> sorted(get_layout(model).layer_parts(model.model.layers[0]))  # doctest: +SKIP
+            ['attention', 'moe', 'shared_expert']
+        """
+        parts = set()
+        if self.has(layer, self.o_proj):
+            parts.add("attention")
+        if self.mamba is not None and self.has(layer, self.mamba.out_proj):
+            parts.add("mamba")
+        if self.has(layer, self.down_proj) and isinstance(getattr(layer.get_submodule(self.down_proj), "weight", None), torch.Tensor):
+            parts.add("mlp")
+        if self.moe is not None and self.has(layer, self.moe.experts):
+            parts.add("moe")
+        if self.moe is not None and self.has(layer, self.moe.shared_down_proj):
+            parts.add("shared_expert")
+        return frozenset(parts)
+
+    def layer_norm_roles_of(self, layer: nn.Module, parts: frozenset[str] | None = None) -> dict[str, str]:
+        """``{norm path: role}`` of the hidden-axis norms of one layer: those of the sublayer slots it holds.
+
+        A norm listed as both pre-norms (Nemotron-H's one norm per block) takes the role of the slot present.
+        """
+        parts = self.layer_parts(layer) if parts is None else parts
+        slots = {PART_SLOTS[p] for p in parts}
+        roles: dict[str, str] = {}
+        for role, attr in NORM_ROLES.items():
+            path = getattr(self, attr)
+            if path is not None and _ROLE_SLOTS[role] in slots and path not in roles and self.has(layer, path):
+                roles[path] = role
+        return roles
 
     def norm_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every norm whose output lives on the hidden axis: per-layer norms, then the final norm."""
@@ -198,66 +293,92 @@ class ArchitectureLayout:
         """``(path, module, role)`` of every hidden-axis norm: per-layer norms in forward order, then ``"final"``."""
         norms = []
         for i, layer in enumerate(self.decoder_layers(model)):
-            for name, role in self.layer_norm_roles.items():
+            for name, role in self.layer_norm_roles_of(layer).items():
                 norms.append((f"{self.layers}.{i}.{name}", layer.get_submodule(name), role))
         norms.append((self.final_norm, model.get_submodule(self.final_norm), "final"))
         return norms
 
     def read_sizes(self, config) -> dict[str, int]:
-        """The prunable sizes of a model config, with ``head_dim`` made explicit."""
+        """The prunable sizes of a model config, with ``head_dim`` made explicit.
+
+        Keys: ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``, ``head_dim``,
+        ``intermediate_size`` (families with a dense MLP); with ``moe``: ``num_experts``, ``moe_intermediate_size``,
+        ``num_experts_per_tok``, ``num_expert_groups`` and ``shared_expert_intermediate_size`` (with a shared expert);
+        with ``mamba``: ``mamba_num_heads``, ``mamba_head_dim``, ``mamba_n_groups``, ``mamba_state_size``.
+        """
         hidden = getattr(config, self.hidden_size_field)
         heads = getattr(config, self.num_heads_field)
         kv_heads = getattr(config, self.num_kv_heads_field, None) or heads
         head_dim = getattr(config, self.head_dim_field, None) or hidden // heads
-        return {
-            "hidden_size": hidden,
-            "intermediate_size": getattr(config, self.intermediate_size_field),
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "num_hidden_layers": getattr(config, self.num_layers_field),
-            "head_dim": head_dim,
-        }
+        sizes = {"hidden_size": hidden}
+        if self.intermediate_size_field is not None:
+            sizes["intermediate_size"] = getattr(config, self.intermediate_size_field)
+        sizes.update(
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            num_hidden_layers=getattr(config, self.num_layers_field),
+            head_dim=head_dim,
+        )
+        for sub in (self.moe, self.mamba):
+            if sub is not None:
+                sizes.update(sub.read_sizes(config))
+        return sizes
 
     def write_sizes(self, config, sizes: dict[str, int]) -> None:
         """Rewrite the config's sizes. ``head_dim`` is always written: the pruned hidden/heads ratio differs
         from ``head_dim`` in general, and families without a ``head_dim`` field (Phi-3, OLMo2, Granite) read
         it with ``getattr(config, "head_dim", hidden_size // num_attention_heads)``, so it is saved as an extra
-        config attribute and honoured on reload."""
+        config attribute and honoured on reload.
+
+        Raises:
+            ValueError: the Mamba width is tied to ``expand * hidden_size`` (``mamba.expand_field``) and the new
+                width is not a whole multiple of the new hidden size.
+        """
         setattr(config, self.hidden_size_field, sizes["hidden_size"])
-        setattr(config, self.intermediate_size_field, sizes["intermediate_size"])
+        if self.intermediate_size_field is not None:
+            setattr(config, self.intermediate_size_field, sizes["intermediate_size"])
         setattr(config, self.num_heads_field, sizes["num_attention_heads"])
         setattr(config, self.num_kv_heads_field, sizes["num_key_value_heads"])
         setattr(config, self.num_layers_field, sizes["num_hidden_layers"])
         setattr(config, self.head_dim_field, sizes["head_dim"])
+        for sub in (self.moe, self.mamba):
+            if sub is not None:
+                sub.write_sizes(config, sizes)
 
     def check_model(self, model: nn.Module) -> None:
-        """Check every path of this layout exists and has the shape the config's sizes imply.
+        """Check every path of this layout exists and has the shape the config's sizes imply, block by block.
 
         Raises:
             ValueError: naming the first module that is missing or mis-shaped.
         """
         s = self.read_sizes(model.config)
-        hidden, inter, hd = s["hidden_size"], s["intermediate_size"], s["head_dim"]
+        hidden, hd = s["hidden_size"], s["head_dim"]
         q_width, kv_width = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
         where = f"The {self.family!r} layout does not match this {type(model).__name__}"
 
-        def shape(root: nn.Module, path: str, prefix: str = "") -> tuple[int, ...]:
+        def shape(root: nn.Module, path: str, prefix: str = "", param: str = "weight") -> tuple[int, ...]:
             try:
                 module = root.get_submodule(path)
             except AttributeError:
                 raise ValueError(f"{where}: no module `{prefix}{path}`.") from None
-            weight = getattr(module, "weight", None)
+            weight = getattr(module, param, None)
             if not isinstance(weight, torch.Tensor):
-                raise ValueError(f"{where}: `{prefix}{path}` has no weight.")
+                raise ValueError(f"{where}: `{prefix}{path}` has no {param}.")
             return tuple(weight.shape)
 
-        def expect(root: nn.Module, path: str | None, expected: tuple[int, ...], prefix: str = "") -> None:
-            if path is not None and shape(root, path, prefix) != expected:
+        def expect(root: nn.Module, path: str | None, expected: tuple[int, ...], prefix: str = "", param: str = "weight") -> None:
+            if path is not None and shape(root, path, prefix, param) != expected:
                 raise ValueError(
-                    f"{where}: `{prefix}{path}` has weight shape {shape(root, path, prefix)}, expected {expected} "
+                    f"{where}: `{prefix}{path}.{param}` has shape {shape(root, path, prefix, param)}, expected {expected} "
                     f"from the config sizes {s}."
                 )
 
+        latent = self.moe.latent_size_field if self.moe is not None else None
+        if latent is not None and getattr(model.config, latent, None):
+            raise ValueError(
+                f"{type(model).__name__} routes its experts through latent projections (`{latent}`="
+                f"{getattr(model.config, latent)}), which hf-minitron does not prune; use a model with `{latent}=None`."
+            )
         expect(model, self.embed_tokens, (model.get_submodule(self.embed_tokens).weight.shape[0], hidden))
         expect(model, self.final_norm, (hidden,))
         layers = self.decoder_layers(model)
@@ -266,31 +387,64 @@ class ArchitectureLayout:
         qk_norm = {"head": (hd, hd), "projection": (q_width, kv_width)}[self.qk_norm_scope]
         for i, layer in enumerate(layers):
             p = f"{self.layers}.{i}."
-            expect(layer, self.q_proj, (q_width, hidden), p)
-            expect(layer, self.k_proj, (kv_width, hidden), p)
-            expect(layer, self.v_proj, (kv_width, hidden), p)
-            expect(layer, self.qkv_proj, (q_width + 2 * kv_width, hidden), p)
-            expect(layer, self.o_proj, (hidden, q_width), p)
-            expect(layer, self.q_norm, (qk_norm[0],), p)
-            expect(layer, self.k_norm, (qk_norm[1],), p)
-            expect(layer, self.gate_proj, (inter, hidden), p)
-            expect(layer, self.up_proj, (inter, hidden), p)
-            expect(layer, self.gate_up_proj, (2 * inter, hidden), p)
-            expect(layer, self.down_proj, (hidden, inter), p)
-            for name in self.layer_norms:
+            parts = self.layer_parts(layer)
+            if not parts:
+                raise ValueError(f"{where}: layer `{p[:-1]}` holds none of the blocks this layout describes.")
+            if "attention" in parts:
+                expect(layer, self.q_proj, (q_width, hidden), p)
+                expect(layer, self.k_proj, (kv_width, hidden), p)
+                expect(layer, self.v_proj, (kv_width, hidden), p)
+                expect(layer, self.qkv_proj, (q_width + 2 * kv_width, hidden), p)
+                expect(layer, self.o_proj, (hidden, q_width), p)
+                expect(layer, self.q_norm, (qk_norm[0],), p)
+                expect(layer, self.k_norm, (qk_norm[1],), p)
+            if "mlp" in parts:
+                self._expect_mlp(layer, expect, p, hidden, s["intermediate_size"],
+                                 self.gate_proj, self.up_proj, self.gate_up_proj, self.down_proj)
+            if "moe" in parts:
+                moe, e, inter = self.moe, s["num_experts"], s["moe_intermediate_size"]
+                expect(layer, moe.router, (e, hidden), p)
+                rows = (2 if moe.gated else 1) * inter
+                expect(layer, moe.experts, (e, rows, hidden), p, moe.expert_gate_up_proj or moe.expert_up_proj)
+                expect(layer, moe.experts, (e, hidden, inter), p, moe.expert_down_proj)
+            if "shared_expert" in parts:
+                self._expect_mlp(layer, expect, p, hidden, s["shared_expert_intermediate_size"],
+                                 *self.moe.shared_paths.values())
+                expect(layer, self.moe.shared_expert_gate, (1, hidden), p)
+            if "mamba" in parts:
+                m = self.mamba
+                width = s["mamba_num_heads"] * s["mamba_head_dim"]
+                state = 2 * s["mamba_n_groups"] * s["mamba_state_size"]
+                expect(layer, m.in_proj, (2 * width + state + s["mamba_num_heads"], hidden), p)
+                expect(layer, m.conv1d, (width + state, 1, getattr(layer.get_submodule(m.conv1d), "kernel_size", (1,))[0]), p)
+                expect(layer, m.out_proj, (hidden, width), p)
+                if m.norm_module(layer) is not None:
+                    expect(layer, m.norm, (width,), p)
+                for name in m.head_tensors:
+                    expect(layer, m.mixer, (s["mamba_num_heads"],), p, name)
+            for name in self.layer_norm_roles_of(layer, parts):
                 expect(layer, name, (hidden,), p)
-            for path in (self.attention, self.mlp):
-                try:
-                    layer.get_submodule(path)
-                except AttributeError:
-                    raise ValueError(f"{where}: no module `{p}{path}`.") from None
+
+    @staticmethod
+    def _expect_mlp(layer, expect, prefix, hidden, inter, gate, up, gate_up, down) -> None:
+        expect(layer, gate, (inter, hidden), prefix)
+        expect(layer, up, (inter, hidden), prefix)
+        expect(layer, gate_up, (2 * inter, hidden), prefix)
+        expect(layer, down, (hidden, inter), prefix)
 
     @property
     def linear_paths(self) -> tuple[str, ...]:
-        """Every attention and MLP projection of a decoder layer (fused ones included), e.g. for LoRA targets."""
-        paths = (self.q_proj, self.k_proj, self.v_proj, self.qkv_proj, self.o_proj,
-                 self.gate_proj, self.up_proj, self.gate_up_proj, self.down_proj)
-        return tuple(p for p in paths if p is not None)
+        """Every attention and MLP projection of a decoder layer (fused ones included), e.g. for LoRA targets.
+
+        Shared-expert and Mamba projections are included; fused 3-D experts are not ``nn.Linear`` modules.
+        """
+        paths = [self.q_proj, self.k_proj, self.v_proj, self.qkv_proj, self.o_proj,
+                 self.gate_proj, self.up_proj, self.gate_up_proj, self.down_proj]
+        if self.moe is not None:
+            paths += list(self.moe.shared_paths.values())
+        if self.mamba is not None:
+            paths += [self.mamba.in_proj, self.mamba.out_proj]
+        return tuple(dict.fromkeys(p for p in paths if p is not None))
 
     def up_weight(self, layer: nn.Module) -> torch.Tensor:
         """The MLP's up-projection weight ``[intermediate, hidden]`` (the second half of a fused ``gate_up_proj``)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .blocks import MambaLayout, MoELayout
 from .layout import ArchitectureLayout
 from .logits import LogitTransform
 
@@ -80,6 +81,126 @@ OLMO2_LAYOUT = ArchitectureLayout(
 # Nemotron: LayerNorm1P (x_hat * (1 + w) + b) and a non-gated relu^2 MLP (up_proj -> act -> down_proj).
 NEMOTRON_LAYOUT = ArchitectureLayout(model_types=("nemotron",), norm_kind="layernorm_one_plus", gate_proj=None)
 
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+def _experts_attributes(path: str) -> dict[str, dict[str, str]]:
+    """Size attributes of the fused experts module at ``path``."""
+    return {path: {"num_experts": "experts", "intermediate_dim": "moe_intermediate", "hidden_dim": "hidden"}}
+
+
+_ROUTER_ATTRIBUTES = {"num_experts": "experts", "hidden_dim": "hidden"}
+# Qwen-MoE: every `decoder_sparse_step`-th layer not listed in `mlp_only_layers` holds a sparse block at `mlp` (router
+# `mlp.gate`, softmax top-k); the others a dense MLP of `intermediate_size`.
+_QWEN_MOE = dict(
+    router="mlp.gate", experts="mlp.experts", dense_layers_field="mlp_only_layers", sparse_step_field="decoder_sparse_step",
+)
+QWEN3_MOE_LAYOUT = ArchitectureLayout(
+    model_types=("qwen3_moe",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+    moe=MoELayout(**_QWEN_MOE, attributes={**_experts_attributes("mlp.experts"), "mlp.gate": _ROUTER_ATTRIBUTES}),
+)
+# Qwen2-MoE adds a shared expert (an MLP every token goes through) scaled by sigmoid(shared_expert_gate(x)).
+QWEN2_MOE_LAYOUT = ArchitectureLayout(
+    model_types=("qwen2_moe",), layer_prefix_config_fields=("max_window_layers",),
+    moe=MoELayout(
+        **_QWEN_MOE,
+        shared_gate_proj="mlp.shared_expert.gate_proj", shared_up_proj="mlp.shared_expert.up_proj",
+        shared_down_proj="mlp.shared_expert.down_proj", shared_expert_gate="mlp.shared_expert_gate",
+        shared_intermediate_size_field="shared_expert_intermediate_size",
+        attributes={
+            **_experts_attributes("mlp.experts"), "mlp.gate": _ROUTER_ATTRIBUTES,
+            "mlp.shared_expert": {"hidden_size": "hidden", "intermediate_size": "shared_intermediate"},
+        },
+    ),
+)
+# Mixtral and OLMoE: every layer's MLP is a sparse block; the config's `intermediate_size` is the expert width (there is
+# no dense MLP). OLMoE's q/k norms span the whole projection, as in OLMo2.
+_NO_DENSE_MLP = dict(gate_proj=None, up_proj=None, down_proj=None, intermediate_size_field=None)
+MIXTRAL_LAYOUT = ArchitectureLayout(
+    model_types=("mixtral",), **_NO_DENSE_MLP,
+    moe=MoELayout(
+        router="mlp.gate", experts="mlp.experts", num_experts_field="num_local_experts",
+        intermediate_size_field="intermediate_size",
+        attributes={**_experts_attributes("mlp.experts"), "mlp.gate": _ROUTER_ATTRIBUTES},
+    ),
+)
+OLMOE_LAYOUT = ArchitectureLayout(
+    model_types=("olmoe",), **_NO_DENSE_MLP,
+    q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", qk_norm_scope="projection",
+    moe=MoELayout(
+        router="mlp.gate", experts="mlp.experts", intermediate_size_field="intermediate_size",
+        attributes={**_experts_attributes("mlp.experts"), "mlp.gate": _ROUTER_ATTRIBUTES},
+    ),
+)
+
+# ------------------------------------------------------------------------------------------ hybrid Mamba
+# Nemotron-H: every block is `norm` -> one `mixer` (Mamba2, attention, relu^2 MLP or MoE, per `layers_block_type`) -> add.
+# The MoE has non-gated experts, a shared expert, and sigmoid routing with a score-correction bias [E] and optional
+# group-limited routing (`n_group`, top-2 scores per group).
+NEMOTRON_H_LAYOUT = ArchitectureLayout(
+    model_types=("nemotron_h",),
+    embed_tokens="model.embeddings", final_norm="model.norm_f",
+    attention="mixer", q_proj="mixer.q_proj", k_proj="mixer.k_proj", v_proj="mixer.v_proj", o_proj="mixer.o_proj",
+    mlp="mixer", gate_proj=None, up_proj="mixer.up_proj", down_proj="mixer.down_proj",
+    attention_norm="norm", mlp_norm="norm",
+    per_layer_config_fields=("layers_block_type",),
+    moe=MoELayout(
+        router="mixer.gate", experts="mixer.experts", expert_gate_up_proj=None, expert_up_proj="up_proj",
+        router_expert_tensors=("e_score_correction_bias",), router_probability="sigmoid",
+        shared_up_proj="mixer.shared_experts.up_proj", shared_down_proj="mixer.shared_experts.down_proj",
+        num_experts_field="n_routed_experts", shared_intermediate_size_field="moe_shared_expert_intermediate_size",
+        expert_groups_field="n_group", min_experts_per_group=2, latent_size_field="moe_latent_size",
+        attributes={
+            **_experts_attributes("mixer.experts"), "mixer.gate": _ROUTER_ATTRIBUTES,
+            "mixer.shared_experts": {"hidden_size": "hidden", "intermediate_size": "shared_intermediate"},
+        },
+    ),
+    mamba=MambaLayout(mixer="mixer", in_proj="mixer.in_proj", conv1d="mixer.conv1d", out_proj="mixer.out_proj",
+                      norm="mixer.norm"),
+)
+# GraniteMoeHybrid (Granite-4.0-H): `input_layernorm` -> Mamba2 or attention (`layer_types`) -> `post_attention_layernorm`
+# -> sparse MoE + an always-on shared MLP (fused [gate; up] `input_linear`), residuals scaled by a config scalar. The
+# Mamba width is tied to the integer `mamba_expand` x hidden_size. Logits are divided by `logits_scaling` (as Granite).
+GRANITEMOEHYBRID_LAYOUT = ArchitectureLayout(
+    model_types=("granitemoehybrid",), **_NO_DENSE_MLP,
+    logit_transforms=(LogitTransform("divide", "logits_scaling"),),
+    moe=MoELayout(
+        router="block_sparse_moe.router", experts="block_sparse_moe.experts",
+        shared_gate_up_proj="shared_mlp.input_linear", shared_down_proj="shared_mlp.output_linear",
+        num_experts_field="num_local_experts", intermediate_size_field="intermediate_size",
+        shared_intermediate_size_field="shared_intermediate_size",
+        attributes={
+            **_experts_attributes("block_sparse_moe.experts"),
+            "block_sparse_moe": {"input_size": "hidden"},
+            "block_sparse_moe.router": {"num_experts": "experts"},
+            "shared_mlp": {"input_size": "hidden", "hidden_size": "shared_intermediate"},
+        },
+    ),
+    mamba=MambaLayout(
+        num_heads_field="mamba_n_heads", head_dim_field="mamba_d_head", n_groups_field="mamba_n_groups",
+        state_size_field="mamba_d_state", expand_field="mamba_expand",
+    ),
+)
+
+# Falcon-H1: every layer runs Mamba2 and attention in parallel from `input_layernorm` (outputs summed, each times a
+# config multiplier), then `pre_ff_layernorm` -> gated MLP. The Mamba width is `mamba_d_ssm` (or `mamba_expand` x
+# hidden_size when None); in_proj rows carry the per-section muP multipliers of the `mup_vector` buffer; the gated norm
+# (optional, `mamba_rms_norm`) may apply the gate after normalising (`norm_before_gate`). Logits are `lm_head` output x
+# `lm_head_multiplier`.
+FALCON_H1_LAYOUT = ArchitectureLayout(
+    model_types=("falcon_h1",),
+    final_norm="model.final_layernorm",
+    mlp="feed_forward", gate_proj="feed_forward.gate_proj", up_proj="feed_forward.up_proj",
+    down_proj="feed_forward.down_proj", mlp_norm="pre_ff_layernorm",
+    per_layer_config_fields=(),  # `layer_types` is derived from num_hidden_layers (all "hybrid")
+    layer_output_tuple=True,
+    logit_transforms=(LogitTransform("scale", "lm_head_multiplier"),),
+    mamba=MambaLayout(
+        num_heads_field="mamba_n_heads", head_dim_field="mamba_d_head", n_groups_field="mamba_n_groups",
+        state_size_field="mamba_d_state", width_field="mamba_d_ssm", expand_field="mamba_expand",
+        in_proj_buffers=("mup_vector",), norm_before_gate_attribute="norm_before_gate",
+    ),
+)
+
 BUILTIN_LAYOUTS: tuple[ArchitectureLayout, ...] = (
     LLAMA_LAYOUT,
     MISTRAL_LAYOUT,
@@ -92,6 +213,13 @@ BUILTIN_LAYOUTS: tuple[ArchitectureLayout, ...] = (
     OLMO2_LAYOUT,
     GRANITE_LAYOUT,
     NEMOTRON_LAYOUT,
+    QWEN3_MOE_LAYOUT,
+    QWEN2_MOE_LAYOUT,
+    MIXTRAL_LAYOUT,
+    OLMOE_LAYOUT,
+    NEMOTRON_H_LAYOUT,
+    GRANITEMOEHYBRID_LAYOUT,
+    FALCON_H1_LAYOUT,
 )
 
 _REGISTRY: dict[str, ArchitectureLayout] = {}

@@ -8,7 +8,12 @@ One pass over the calibration data with forward hooks gives, with no gradients a
   its role, see :data:`~hf_minitron.architectures.layout.NORM_ROLES`), the input of each sublayer that has no
   pre-norm, and each layer's output (the residual stream). Which sites make the hidden score is chosen at pruning
   time (``MinitronPruneConfig.hidden_importance_source``); see :meth:`ImportanceScores.hidden_scores`.
-* layers:  Block Importance, ``1 - cos(layer input, layer output)`` averaged over tokens,
+* experts: per routed expert, the routing-weighted output norm, routing weight and routing frequency, and per expert
+  neuron ``|w * a|`` (``a``: the expert's ``down_proj`` input), from the tokens routed to it (see
+  :mod:`~hf_minitron.importance.blocks`); shared-expert neurons like MLP neurons,
+* Mamba:   per head the norm of its ``out_proj`` input and per head channel its magnitude, plus the gated norm's input
+  energy (arXiv 2504.11409),
+* layers:  Block Importance, ``1 - cos(layer input, layer output)`` averaged over tokens, for every block type,
 * norm statistics for the calibrated norm correction: the per-channel mean of ``x^2`` (and of ``x`` for LayerNorm
   families) over every calibration token, at each norm's input.
 
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 from ..architectures import ArchitectureLayout
@@ -35,6 +41,7 @@ from ..config import MinitronPruneConfig
 from ..data import batch_samples, to_samples
 from ..evaluation import masked_nll
 from ..validation import check_prunable_model, check_token_ids
+from .blocks import EXPERT_STATISTICS, aggregate_sums, expert_sums
 from .scores import ImportanceScores
 
 
@@ -110,16 +117,38 @@ class ImportanceEstimator:
 
     Most users call :func:`estimate_importance`; the class is public for custom loops (e.g. calling
     ``estimator.observe(batch)`` from your own data pipeline) between ``attach()`` and ``finalize()``.
+
+    Each layer gets the hooks of the blocks it holds (:meth:`ArchitectureLayout.layer_parts`): attention heads, dense
+    MLP neurons, routed experts and their neurons, shared-expert neurons, Mamba heads and head channels; every layer
+    gets Block Importance and the residual-stream statistics whatever its type.
     """
 
     def __init__(self, model: nn.Module, config: MinitronPruneConfig, layout: ArchitectureLayout) -> None:
         self.model = model
         self.config = config
         self.layout = layout
-        self.sizes = layout.read_sizes(model.config)
-        num_layers = self.sizes["num_hidden_layers"]
-        self.head_stats = [_Stat() for _ in range(num_layers)]
-        self.neuron_stats = [_Stat() for _ in range(num_layers)]
+        self.sizes = s = layout.read_sizes(model.config)
+        layers = layout.decoder_layers(model)
+        num_layers = len(layers)
+        self.parts = [layout.layer_parts(layer) for layer in layers]
+
+        def per_layer(part: str, *units: int) -> tuple[list[_Stat | None], tuple[int, ...]]:
+            return [_Stat() if part in p else None for p in self.parts], units
+
+        # Unit scores, one running statistic per layer holding the block (None elsewhere; zeros in the result).
+        self.groups: dict[str, tuple[list[_Stat | None], tuple[int, ...]]] = {
+            "heads": per_layer("attention", s["num_attention_heads"]),
+            "neurons": per_layer("mlp", s.get("intermediate_size", 0)),
+        }
+        if layout.moe is not None:
+            for name in EXPERT_STATISTICS[:3] + ("expert_router_probability",):
+                self.groups[name] = per_layer("moe", s["num_experts"])
+            self.groups["expert_neurons"] = per_layer("moe", s["num_experts"], s["moe_intermediate_size"])
+            if "shared_expert_intermediate_size" in s:
+                self.groups["shared_neurons"] = per_layer("shared_expert", s["shared_expert_intermediate_size"])
+        if layout.mamba is not None:
+            self.groups["mamba_heads"] = per_layer("mamba", s["mamba_num_heads"])
+            self.groups["mamba_channels"] = per_layer("mamba", s["mamba_num_heads"], s["mamba_head_dim"])
         norms = layout.norm_modules_with_roles(model)
         self.norm_names = [name for name, _, _ in norms]
         self.norm_roles = [role for _, _, role in norms]
@@ -127,23 +156,27 @@ class ImportanceEstimator:
         layernorm = layout.norm_kind.startswith("layernorm")  # LayerNorm corrections also need the channel means
         self.norm_moments = [_Moments(first=layernorm) for _ in norms]
         # Sublayers without a pre-norm (OLMo2) read the residual stream directly: record what their first matmul reads.
-        self.sublayer_sites = [
-            (i, kind, path)
-            for i in range(num_layers)
-            for kind, norm, path in (
-                ("attention", layout.attention_norm, layout.q_proj or layout.qkv_proj),
-                ("mlp", layout.mlp_norm, layout.gate_proj or layout.gate_up_proj or layout.up_proj),
-            )
-            if norm is None
-        ]
+        self.sublayer_sites = []
+        for i, (layer, parts) in enumerate(zip(layers, self.parts)):
+            for kind, norm, first in (
+                ("attention", layout.attention_norm, self._first_matmul(parts, "mixer")),
+                ("mlp", layout.mlp_norm, self._first_matmul(parts, "ffn")),
+            ):
+                if first is not None and (norm is None or not layout.has(layer, norm)):
+                    self.sublayer_sites.append((i, kind, first))
         self.sublayer_stats = [_Stat() for _ in self.sublayer_sites]
         self.residual_stats = [_Stat() for _ in range(num_layers)]
         # q/k norms over the whole projection (OLMo2) are rescaled like hidden norms when heads are dropped.
         self.qk_moments = (
-            {"q_norm": [_Moments(False) for _ in range(num_layers)], "k_norm": [_Moments(False) for _ in range(num_layers)]}
+            {name: [_Moments(False) if "attention" in p else None for p in self.parts] for name in ("q_norm", "k_norm")}
             if layout.qk_norm_scope == "projection" and layout.q_norm is not None
             else {}
         )
+        # The Mamba gated norm's input energy, for its correction after Mamba heads / channels are dropped.
+        self.mamba_moments = [
+            _Moments(False) if "mamba" in p and layout.mamba.norm_module(layer) is not None else None
+            for layer, p in zip(layers, self.parts)
+        ] if layout.mamba is not None else []
         self.bi_sum: list[torch.Tensor | None] = [None] * num_layers  # sum over tokens of 1 - cos
         self.num_samples = 0
         self.num_tokens = 0
@@ -152,29 +185,68 @@ class ImportanceEstimator:
         self._layer_inputs: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
+    def _first_matmul(self, parts: frozenset[str], slot: str) -> str | None:
+        """The first projection reading the hidden axis in a layer's ``slot`` ("mixer" or "ffn"), if it has one."""
+        layout = self.layout
+        if slot == "mixer":
+            if "attention" in parts:
+                return layout.q_proj or layout.qkv_proj
+            return layout.mamba.in_proj if "mamba" in parts else None
+        if "mlp" in parts:
+            return layout.gate_proj or layout.gate_up_proj or layout.up_proj
+        if "moe" in parts:
+            return layout.moe.router
+        return None
+
     # ------------------------------------------------------------------ hooks
     def _mask_for(self, device: torch.device) -> torch.Tensor:
         if device not in self._mask_on:
             self._mask_on[device] = self._mask.to(device)
         return self._mask_on[device]
 
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[batch, seq, units]`` (MoE blocks flatten tokens to ``[batch * seq, units]``)."""
+        return x.view(*self._mask.shape, -1) if x.dim() == 2 else x
+
     def _units(self, values: torch.Tensor) -> torch.Tensor:
+        values = self._tokens(values)
         return aggregate_sequence(values, self._mask_for(values.device), self.config.sequence_aggregation)
 
-    def _head_hook(self, layer_idx: int) -> Callable:
-        head_dim = self.sizes["head_dim"]
-
+    def _head_hook(self, stat: _Stat, head_dim: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]  # [batch, seq, heads * head_dim]
+            x = self._tokens(args[0])  # [batch, seq, heads * head_dim]: o_proj (attention) or out_proj (Mamba) input
             per_head = x.unflatten(-1, (-1, head_dim)).float().norm(dim=-1)  # [batch, seq, heads]
-            self.head_stats[layer_idx].add(self._units(per_head))
+            stat.add(self._units(per_head))
 
         return hook
 
-    def _abs_input_hook(self, stat: _Stat) -> Callable:
+    def _abs_input_hook(self, *stats: _Stat) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]  # [batch, seq, units]: down_proj input (neurons) or a sublayer's first-matmul input (hidden)
-            stat.add(self._units(x.float().abs()))
+            # [batch, seq, units]: a down_proj input (neurons), Mamba out_proj input (channels) or a first-matmul input
+            x = self._units(args[0].float().abs())
+            for stat in stats:
+                stat.add(x)
+
+        return hook
+
+    def _experts_hook(self, layer_idx: int) -> Callable:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
+            mask = self._mask_for(values[0].device)
+            how = self.config.sequence_aggregation
+            for name, (s1, s2) in expert_sums(module, self.layout.moe, *values, mask).items():
+                self.groups[name][0][layer_idx].add(aggregate_sums(s1, s2, mask.sum(1), how).flatten(1))
+
+        return hook
+
+    def _router_hook(self, stat: _Stat) -> Callable:
+        probability = torch.sigmoid if self.layout.moe.router_probability == "sigmoid" else lambda x: x.softmax(-1)
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            logits = output[0] if isinstance(output, tuple) else output  # [tokens, experts]
+            stat.add(self._units(probability(logits.float())))
 
         return hook
 
@@ -187,9 +259,14 @@ class ImportanceEstimator:
 
         return hook
 
-    def _moments_hook(self, moments: _Moments) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            moments.add(args[0], self._mask_for(args[0].device))
+    def _moments_hook(self, moments: _Moments, gate_activation: Callable | None = None, before_gate: str | None = None) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0]
+            gate = args[1] if len(args) > 1 else kwargs.get("gate")
+            gated_input = not (before_gate and getattr(module, before_gate, False))
+            if gate_activation is not None and gate is not None and gated_input:
+                x = x.float() * gate_activation(gate.float())  # a gated norm normalises y * act(z)
+            moments.add(self._tokens(x), self._mask_for(x.device))
 
         return hook
 
@@ -212,20 +289,38 @@ class ImportanceEstimator:
         return hook
 
     def attach(self) -> "ImportanceEstimator":
-        layout, model = self.layout, self.model
+        layout, model, g = self.layout, self.model, self.groups
         layers = layout.decoder_layers(model)
-        for i, layer in enumerate(layers):
-            self._handles.append(layer.get_submodule(layout.o_proj).register_forward_pre_hook(self._head_hook(i)))
-            self._handles.append(
-                layer.get_submodule(layout.down_proj).register_forward_pre_hook(self._abs_input_hook(self.neuron_stats[i]))
-            )
+
+        def pre(layer: nn.Module, path: str, hook: Callable, **kwargs: Any) -> None:
+            self._handles.append(layer.get_submodule(path).register_forward_pre_hook(hook, **kwargs))
+
+        for i, (layer, parts) in enumerate(zip(layers, self.parts)):
+            if "attention" in parts:
+                pre(layer, layout.o_proj, self._head_hook(g["heads"][0][i], self.sizes["head_dim"]))
+                for name, moments in self.qk_moments.items():
+                    pre(layer, getattr(layout, name), self._moments_hook(moments[i]), with_kwargs=True)
+            if "mlp" in parts:
+                pre(layer, layout.down_proj, self._abs_input_hook(g["neurons"][0][i]))
+            if "moe" in parts:
+                experts = layer.get_submodule(layout.moe.experts)
+                self._handles.append(experts.register_forward_hook(self._experts_hook(i), with_kwargs=True))
+                router = layer.get_submodule(layout.moe.router)
+                self._handles.append(router.register_forward_hook(self._router_hook(g["expert_router_probability"][0][i])))
+            if "shared_expert" in parts:
+                pre(layer, layout.moe.shared_down_proj, self._abs_input_hook(g["shared_neurons"][0][i]))
+            if "mamba" in parts:
+                mamba = layout.mamba
+                pre(layer, mamba.out_proj, self._head_hook(g["mamba_heads"][0][i], self.sizes["mamba_head_dim"]))
+                pre(layer, mamba.out_proj, self._abs_input_hook(g["mamba_channels"][0][i]))
+                if self.mamba_moments[i] is not None:
+                    act = ACT2FN[mamba.norm_gate_activation]
+                    hook = self._moments_hook(self.mamba_moments[i], act, mamba.norm_before_gate_attribute)
+                    pre(layer, mamba.norm, hook, with_kwargs=True)
             self._handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._layer_hook(i), with_kwargs=True))
-            for name, moments in self.qk_moments.items():
-                norm = layer.get_submodule(getattr(layout, name))
-                self._handles.append(norm.register_forward_pre_hook(self._moments_hook(moments[i])))
         for (i, _, path), stat in zip(self.sublayer_sites, self.sublayer_stats):
-            self._handles.append(layers[i].get_submodule(path).register_forward_pre_hook(self._abs_input_hook(stat)))
+            pre(layers[i], path, self._abs_input_hook(stat))
         for j, (_, norm) in enumerate(layout.norm_modules(model)):
             self._handles.append(norm.register_forward_hook(self._norm_hook(j)))
         return self
@@ -278,8 +373,11 @@ class ImportanceEstimator:
             RuntimeError: no forward pass ran between ``attach()`` and ``finalize()``.
             ValueError: a score is NaN or infinite (fp16 overflow, bad data); the message names the unit and layer.
         """
-        stats = self.head_stats + self.neuron_stats + self.norm_stats + self.sublayer_stats + self.residual_stats
-        moments = self.norm_moments + [m for group in self.qk_moments.values() for m in group]
+        group_stats = [s for stats, _ in self.groups.values() for s in stats if s is not None]
+        stats = group_stats + self.norm_stats + self.sublayer_stats + self.residual_stats
+        qk = [m for group in self.qk_moments.values() for m in group if m is not None]
+        mamba = [m for m in self.mamba_moments if m is not None]
+        moments = self.norm_moments + qk + mamba
         if any(s.sum is None for s in stats) or any(m.sumsq is None for m in moments):
             raise RuntimeError("Some hooks never fired: did the model run a forward pass between attach() and finalize()?")
         counts = torch.tensor([float(self.num_samples), float(self.num_tokens)])
@@ -291,42 +389,46 @@ class ImportanceEstimator:
         bi_sum = reduced.pop()
         num_samples, num_tokens = int(counts[0].item()), int(counts[1].item())
         batch_how = self.config.batch_aggregation
-        finals = [
+        finals = iter([
             aggregate_batch(reduced[2 * k], reduced[2 * k + 1], num_samples, batch_how) for k in range(len(stats))
-        ]
+        ])
         rest = reduced[2 * len(stats) :]
         per_token = max(num_tokens, 1)
-        second = [t / per_token for t in rest[: len(moments)]]
+        second = iter([t / per_token for t in rest[: len(moments)]])
         first = [t / per_token for t in rest[len(moments) :]]
 
-        def take(n: int) -> list[torch.Tensor]:
-            out, finals[:] = finals[:n], finals[n:]
-            return out
+        def per_layer(slots: list, shape: tuple[int, ...], source: Any) -> torch.Tensor:
+            """Stack one value per layer from ``source`` where ``slots`` has an entry, zeros elsewhere."""
+            return torch.stack([next(source).reshape(shape) if slot is not None else torch.zeros(shape) for slot in slots])
 
-        num_layers, num_norms = len(self.head_stats), len(self.norm_stats)
-        heads, neurons = torch.stack(take(num_layers)), torch.stack(take(num_layers))
-        norm_outputs = torch.stack(take(num_norms))
-        sublayer = take(len(self.sublayer_stats))
+        blocks = {name: per_layer(slots, units, finals) for name, (slots, units) in self.groups.items()}
+        norm_outputs = torch.stack([next(finals) for _ in self.norm_stats])
         hidden_size = norm_outputs.shape[1]
+        sublayer = [next(finals) for _ in self.sublayer_stats]
         sublayer_inputs = torch.stack(sublayer) if sublayer else torch.zeros(0, hidden_size)
-        residual = torch.stack(take(num_layers))
-        qk = {}
+        residual = torch.stack([next(finals) for _ in self.residual_stats])
+        norm_input_sq = torch.stack([next(second) for _ in self.norm_moments])
+        extra = {}
         if self.qk_moments:
-            qk = {
-                "q_norm_input_sq": torch.stack(second[num_norms : num_norms + num_layers]),
-                "k_norm_input_sq": torch.stack(second[num_norms + num_layers :]),
-            }
+            hd = self.sizes["head_dim"]
+            widths = {"q_norm": self.sizes["num_attention_heads"] * hd, "k_norm": self.sizes["num_key_value_heads"] * hd}
+            for name, group in self.qk_moments.items():
+                extra[f"{name}_input_sq"] = per_layer(group, (widths[name],), second)
+        if self.layout.mamba is not None:
+            width = self.sizes["mamba_num_heads"] * self.sizes["mamba_head_dim"]
+            extra["mamba_norm_input_sq"] = per_layer(self.mamba_moments, (width,), second)
         scores = ImportanceScores(
-            heads=heads,
-            neurons=neurons,
+            heads=blocks.pop("heads"),
+            neurons=blocks.pop("neurons"),
             hidden=torch.zeros(hidden_size),  # set below from the recorded sites
             block_importance=bi_sum / per_token,
             norm_outputs=norm_outputs,
-            norm_input_sq=torch.stack(second[:num_norms]),
+            norm_input_sq=norm_input_sq,
             norm_input_mean=torch.stack(first) if first else None,
             sublayer_inputs=sublayer_inputs,
             residual=residual,
-            **qk,
+            **blocks,
+            **extra,
             metadata={
                 "batch_aggregation": batch_how,
                 "sequence_aggregation": self.config.sequence_aggregation,
@@ -341,6 +443,7 @@ class ImportanceEstimator:
                 "sublayer_input_sites": [f"{self.layout.layers}.{i}.{path}" for i, _, path in self.sublayer_sites],
                 "sublayer_input_roles": [f"pre_{kind}" for _, kind, _ in self.sublayer_sites],
                 "hidden_importance_source": self.config.hidden_importance_source,
+                "layer_parts": [sorted(p) for p in self.parts],
             },
         )
         scores.check_finite()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save
 
 from ..atomic import atomic_write_bytes
 
-from ..config import HIDDEN_IMPORTANCE_SOURCES
+from ..config import EXPERT_IMPORTANCE_SOURCES, HIDDEN_IMPORTANCE_SOURCES
 
 
 SCORES_NAME = "importance_scores.safetensors"
@@ -21,6 +21,10 @@ _MATMUL_INPUT_ROLES = ("pre_attention", "pre_mlp", "final")
 _PRE_SUBLAYER_ROLES = ("pre_attention", "pre_mlp")
 _OPTIONAL = ("layer_perplexity", "norm_outputs", "norm_input_sq", "norm_input_mean", "sublayer_inputs", "residual",
              "q_norm_input_sq", "k_norm_input_sq")
+# Scores of MoE and Mamba blocks, rows per layer (zeros in layers without that block).
+_BLOCK = ("expert_output_norm", "expert_routing_weight", "expert_router_probability", "expert_frequency", "expert_neurons",
+          "shared_neurons",
+          "mamba_heads", "mamba_channels", "mamba_norm_input_sq")
 
 
 @dataclass
@@ -44,7 +48,22 @@ class ImportanceScores:
         residual: ``[num_layers, hidden_size]`` aggregated ``|output|`` of each decoder layer (the residual stream).
         q_norm_input_sq / k_norm_input_sq: ``[num_layers, heads * head_dim]`` / ``[num_layers, kv_heads * head_dim]``
             input energy of q/k norms that span the whole projection (OLMo2), for head-pruning corrections.
-        metadata: aggregation settings, sample and token counts, source sizes, norm paths and roles.
+        expert_output_norm / expert_routing_weight / expert_frequency: ``[num_layers, num_experts]`` per routed expert:
+            the aggregated norm of its routing-weighted output ``||w_t * expert(x_t)||``, its routing weight ``w_t``,
+            and whether it was routed to (1/0), each 0 on tokens not routed to it (see :meth:`expert_scores`).
+        expert_router_probability: ``[num_layers, num_experts]`` the aggregated router probability of each expert on
+            every token (softmax or sigmoid of the router logits), whether or not the token was routed to it.
+        expert_neurons: ``[num_layers, num_experts, moe_intermediate_size]`` aggregated ``|w_t * a_t|`` per expert
+            neuron, where ``a_t`` is the input of the expert's ``down_proj`` (the routing weight folded in).
+        shared_neurons: ``[num_layers, shared_expert_intermediate_size]`` per shared-expert neuron (``down_proj`` input).
+        mamba_heads: ``[num_layers, mamba_num_heads]`` per-head norm of the Mamba ``out_proj`` input.
+        mamba_channels: ``[num_layers, mamba_num_heads, mamba_head_dim]`` per-channel ``|out_proj input|``.
+        mamba_norm_input_sq: ``[num_layers, mamba_num_heads * mamba_head_dim]`` mean over tokens of the gated norm's
+            (gated) input squared, for the norm correction after Mamba heads / channels are dropped.
+        metadata: aggregation settings, sample and token counts, source sizes, norm paths and roles, and the blocks each
+            layer holds (``"layer_parts"``).
+
+    The block tensors are ``None`` for families without that block; rows of layers without it are zeros.
 
     The optional per-site tensors are ``None`` for scores that do not come from activations (magnitude, random) or
     were saved by hf-minitron 0.1; ``hidden`` is then used as it is.
@@ -68,6 +87,15 @@ class ImportanceScores:
     residual: torch.Tensor | None = None
     q_norm_input_sq: torch.Tensor | None = None
     k_norm_input_sq: torch.Tensor | None = None
+    expert_output_norm: torch.Tensor | None = None
+    expert_routing_weight: torch.Tensor | None = None
+    expert_frequency: torch.Tensor | None = None
+    expert_router_probability: torch.Tensor | None = None
+    expert_neurons: torch.Tensor | None = None
+    shared_neurons: torch.Tensor | None = None
+    mamba_heads: torch.Tensor | None = None
+    mamba_channels: torch.Tensor | None = None
+    mamba_norm_input_sq: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -103,6 +131,25 @@ class ImportanceScores:
             total = total + self.sublayer_inputs.float().sum(0)
         return total
 
+    def expert_scores(self, source: str = "output_norm") -> torch.Tensor:
+        """Per-expert importance ``[num_layers, num_experts]`` for ``source`` (one of ``EXPERT_IMPORTANCE_SOURCES``).
+
+        Raises:
+            ValueError: unknown ``source``, or scores without expert statistics (a model without MoE layers).
+        """
+        if source not in EXPERT_IMPORTANCE_SOURCES:
+            raise ValueError(f"`expert_importance` must be one of {EXPERT_IMPORTANCE_SOURCES}, got {source!r}.")
+        value = getattr(self, f"expert_{source}")
+        if value is None:
+            raise ValueError("These importance scores have no expert statistics: estimate them on the MoE model you prune.")
+        return value
+
+    @property
+    def layer_parts(self) -> list[frozenset[str]] | None:
+        """The blocks each source layer holds (``metadata["layer_parts"]``), or ``None`` for scores without them."""
+        parts = self.metadata.get("layer_parts")
+        return None if parts is None else [frozenset(p) for p in parts]
+
     def check_finite(self) -> None:
         """Raise a ``ValueError`` naming the unit types and layers whose scores are NaN or infinite.
 
@@ -128,6 +175,15 @@ class ImportanceScores:
             "residual": ("hidden channels (layer outputs)", lambda r: r),
             "q_norm_input_sq": ("q_norm input statistics", lambda r: r),
             "k_norm_input_sq": ("k_norm input statistics", lambda r: r),
+            "expert_output_norm": ("experts", lambda r: r),
+            "expert_routing_weight": ("experts", lambda r: r),
+            "expert_frequency": ("experts", lambda r: r),
+            "expert_router_probability": ("experts", lambda r: r),
+            "expert_neurons": ("expert neurons", lambda r: r),
+            "shared_neurons": ("shared-expert neurons", lambda r: r),
+            "mamba_heads": ("Mamba heads", lambda r: r),
+            "mamba_channels": ("Mamba head channels", lambda r: r),
+            "mamba_norm_input_sq": ("Mamba norm input statistics", lambda r: r),
             "block_importance": ("Block Importance", lambda r: r),
             "layer_perplexity": ("layer perplexity", lambda r: r),
         }
@@ -136,7 +192,7 @@ class ImportanceScores:
             value = getattr(self, name)
             if value is None or value.numel() == 0:
                 continue
-            bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(-1)
+            bad = ~torch.isfinite(value.reshape(value.shape[0], -1).float()).all(-1)
             for row in bad.nonzero().flatten().tolist():
                 problems.setdefault(unit, set()).add(layer(row))
         if not torch.isfinite(self.hidden).all():
@@ -176,7 +232,7 @@ class ImportanceScores:
             "hidden": self.hidden,
             "block_importance": self.block_importance,
         }
-        for name in _OPTIONAL:
+        for name in _OPTIONAL + _BLOCK:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
@@ -204,6 +260,6 @@ class ImportanceScores:
             neurons=tensors["neurons"],
             hidden=tensors["hidden"],
             block_importance=tensors["block_importance"],
-            **{name: tensors.get(name) for name in _OPTIONAL},
+            **{name: tensors.get(name) for name in _OPTIONAL + _BLOCK},
             metadata=metadata,
         )

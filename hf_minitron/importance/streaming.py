@@ -36,16 +36,25 @@ logger = logging.get_logger(__name__)
 
 class _LayerInputs(nn.Module):
     """Stands in for a decoder layer while the decoder runs once per batch: records the arguments the layer would get
-    (attention mask for its attention type, rotary embeddings, position ids) and passes the hidden states through."""
+    (attention mask for its attention or block type, rotary embeddings, position ids) and passes the hidden states
+    through. Other attributes read off the layer by the decoder loop (Nemotron-H's ``block_type``) come from the layer."""
 
-    def __init__(self, index: int, calls: list) -> None:
+    def __init__(self, index: int, calls: list, layer: nn.Module, as_tuple: bool) -> None:
         super().__init__()
         self.index = index
         self.calls = calls
+        self.as_tuple = as_tuple
+        self.__dict__["_layer"] = layer  # not registered: its weights stay where they are
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.calls.append((self.index, hidden_states, args, kwargs))
-        return hidden_states
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 def _checkpoint_index(checkpoint: str) -> dict[str, str]:
@@ -197,7 +206,7 @@ def estimate_importance_streaming(
     # 1. One cheap decoder pass per batch with recorders in place of the layers: the embeddings (first layer's input)
     #    and each layer's keyword arguments (masks per attention type, rotary embeddings), computed on `device`.
     calls: list = []
-    setattr(parent, attr, nn.ModuleList([_LayerInputs(i, calls) for i in range(len(layers))]))
+    setattr(parent, attr, nn.ModuleList([_LayerInputs(i, calls, layer, layout.layer_output_tuple) for i, layer in enumerate(layers)]))
     states, layer_args = [], []
     try:
         with _modules_on(shell, device, layout, model, weights, dtype):
@@ -220,6 +229,8 @@ def estimate_importance_streaming(
                     estimator.begin_batch(batch["attention_mask"], count=(i == 0))
                     args, kwargs = _move(layer_args[b][i], device, moved)
                     out = layer(states[b].to(device), *args, **kwargs)
+                    if layout.layer_output_tuple and isinstance(out, tuple):
+                        out = out[0]
                     if not isinstance(out, torch.Tensor):
                         raise ValueError(f"{type(layer).__name__} returned {type(out).__name__}; layer streaming expects a tensor.")
                     states[b] = out.to("cpu") if offload_activations else out

@@ -20,7 +20,8 @@ from ..config import MinitronPruneConfig
 from ..importance import ImportanceScores, estimate_importance
 from ..atomic import staged_dir
 from ..validation import check_prunable_model, drop_dequantized_gguf_marker, without_dequantized_gguf_marker
-from .plan import PrunePlan, make_plan, resolve_target_sizes
+from .plan import WIDTH_FIELDS, PrunePlan, make_plan, resolve_target_sizes
+from .blocks import _fused_rows, prune_experts, prune_mamba, prune_mlp
 from .slicing import expand_heads, slice_embedding, slice_linear, slice_norm
 
 
@@ -30,30 +31,13 @@ PROVENANCE_NAME = "minitron_config.json"
 
 
 def _needs_scores(config: MinitronPruneConfig, source: dict[str, int]) -> bool:
-    width = any(
-        getattr(config, k) is not None and getattr(config, k) != source[k]
-        for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-    )
+    width = any(getattr(config, k) is not None and getattr(config, k) != source.get(k) for k in WIDTH_FIELDS)
     depth = (
         not config.layers_to_drop
         and config.num_hidden_layers is not None
         and config.num_hidden_layers != source["num_hidden_layers"]
     )
     return width or depth
-
-
-def _fused_rows(blocks: list[tuple[list[int] | None, int]]) -> list[int] | None:
-    """Kept rows of a fused projection made of consecutive blocks ``(kept rows within the block, block size)``.
-
-    ``None`` for a block keeps all of its rows; the result is ``None`` when every block is kept whole.
-    """
-    if all(kept is None for kept, _ in blocks):
-        return None
-    rows, offset = [], 0
-    for kept, size in blocks:
-        rows.extend(offset + r for r in (range(size) if kept is None else kept))
-        offset += size
-    return rows
 
 
 @torch.no_grad()
@@ -72,20 +56,75 @@ def _merge_heads(layer: nn.Module, layout: ArchitectureLayout, pairs: list[tuple
 
 @torch.no_grad()
 def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: PrunePlan, i: int, correct_norms: bool) -> None:
-    """Slice one decoder layer's attention, MLP and norms to the plan's ``i``-th kept layer."""
+    """Slice the blocks of one decoder layer (attention, MLP, experts, shared expert, Mamba) and its norms to the
+    plan's ``i``-th kept layer."""
     source, target = plan.source_sizes, plan.target_sizes
+    parts = layout.layer_parts(layer)
+    hidden = plan.hidden if plan.changes("hidden_size") else None
+    if "attention" in parts:
+        _prune_attention(layer, layout, plan, i, hidden, correct_norms)
+    if "mlp" in parts:
+        neurons = plan.neurons[i] if plan.changes("intermediate_size") else None
+        dense = {"gate_proj": layout.gate_proj, "up_proj": layout.up_proj, "gate_up_proj": layout.gate_up_proj,
+                 "down_proj": layout.down_proj}
+        prune_mlp(layer, dense, neurons, hidden, source["intermediate_size"])
+    if "moe" in parts:
+        prune_experts(layer, layout.moe, plan.experts[i], plan.expert_neurons[i], hidden, source["moe_intermediate_size"])
+    if "shared_expert" in parts:
+        neurons = plan.shared_neurons[i] if plan.changes("shared_expert_intermediate_size") else None
+        prune_mlp(layer, layout.moe.shared_paths, neurons, hidden, source["shared_expert_intermediate_size"])
+        if layout.moe.shared_expert_gate is not None:
+            slice_linear(layer.get_submodule(layout.moe.shared_expert_gate), in_idx=hidden)
+    if "mamba" in parts:
+        scales = plan.mamba_norm_scales[i] if correct_norms else [1.0] * source["mamba_n_groups"]
+        prune_mamba(layer, layout.mamba, source, plan.mamba_heads[i], plan.mamba_channels[i], hidden, scales)
+    if hidden is not None:
+        for name in layout.layer_norm_roles_of(layer, parts):
+            slice_norm(layer.get_submodule(name), hidden)
+
+    sizes = {
+        "hidden": target["hidden_size"],
+        "intermediate": target.get("intermediate_size"),
+        "heads": target["num_attention_heads"],
+        "kv_heads": target["num_key_value_heads"],
+        "kv_groups": target["num_attention_heads"] // target["num_key_value_heads"],
+        "experts": target.get("num_experts"),
+        "moe_intermediate": target.get("moe_intermediate_size"),
+        "shared_intermediate": target.get("shared_expert_intermediate_size"),
+    }
+    if "mamba_num_heads" in target:
+        heads, head_dim, groups = target["mamba_num_heads"], target["mamba_head_dim"], target["mamba_n_groups"]
+        sizes.update(
+            mamba_heads=heads, mamba_head_dim=head_dim, mamba_intermediate=heads * head_dim,
+            mamba_conv_dim=heads * head_dim + 2 * groups * target["mamba_state_size"],
+            mamba_group_size=heads * head_dim // groups,
+        )
+    updates = [(layer, layout.layer_attributes)]
+    if "attention" in parts:
+        updates.append((layer.get_submodule(layout.attention), layout.attention_attributes))
+    if "mlp" in parts:
+        updates.append((layer.get_submodule(layout.mlp), layout.mlp_attributes))
+    if parts & {"moe", "shared_expert"}:
+        updates += [(layer.get_submodule(p), a) for p, a in layout.moe.attributes.items() if layout.has(layer, p)]
+    if "mamba" in parts:
+        mixer = layer.get_submodule(layout.mamba.mixer)
+        updates += [(mixer.get_submodule(p), a) for p, a in layout.mamba.attributes.items() if layout.has(mixer, p) or not p]
+    for module, attributes in updates:
+        for attr, size in attributes.items():
+            if isinstance(getattr(module, attr, None), int) and sizes.get(size) is not None:
+                setattr(module, attr, sizes[size])
+
+
+@torch.no_grad()
+def _prune_attention(layer: nn.Module, layout: ArchitectureLayout, plan: PrunePlan, i: int, hidden, correct_norms: bool) -> None:
+    """Query rows follow the kept heads, key/value rows the kept KV groups, inputs and ``o_proj`` rows the hidden."""
+    source = plan.source_sizes
     head_dim = source["head_dim"]
-    hidden = plan.hidden if target["hidden_size"] != source["hidden_size"] else None
     heads = expand_heads(plan.heads[i], head_dim) if plan.heads[i] != list(range(source["num_attention_heads"])) else None
     kv = expand_heads(plan.kv_heads[i], head_dim) if plan.kv_heads[i] != list(range(source["num_key_value_heads"])) else None
-    neurons = plan.neurons[i] if target["intermediate_size"] != source["intermediate_size"] else None
     q_width, kv_width = source["num_attention_heads"] * head_dim, source["num_key_value_heads"] * head_dim
-    intermediate = source["intermediate_size"]
-
     if plan.head_merges and plan.head_merges[i]:
         _merge_heads(layer, layout, plan.head_merges[i], head_dim)
-
-    # Attention: query rows follow the kept heads, key/value rows the kept KV groups; inputs the kept hidden.
     if layout.qkv_proj is not None:
         rows = _fused_rows([(heads, q_width), (kv, kv_width), (kv, kv_width)])
         slice_linear(layer.get_submodule(layout.qkv_proj), out_idx=rows, in_idx=hidden)
@@ -106,34 +145,6 @@ def _prune_layer_width(layer: nn.Module, layout: ArchitectureLayout, plan: Prune
                 elif correct_norms and plan.norm_correction == "calibrated":
                     layout.scale_norm(norm, plan.qk_norm_scales[i][k])
     # Per-head q/k norms ([head_dim], shared by all heads) need nothing: head_dim never changes.
-
-    # MLP: gate/up rows and down columns follow the kept neurons.
-    if layout.gate_up_proj is not None:
-        rows = _fused_rows([(neurons, intermediate), (neurons, intermediate)])
-        slice_linear(layer.get_submodule(layout.gate_up_proj), out_idx=rows, in_idx=hidden)
-    for path in (layout.gate_proj, layout.up_proj):
-        if path is not None:
-            slice_linear(layer.get_submodule(path), out_idx=neurons, in_idx=hidden)
-    slice_linear(layer.get_submodule(layout.down_proj), out_idx=hidden, in_idx=neurons)
-    if hidden is not None:
-        for name in layout.layer_norms:
-            slice_norm(layer.get_submodule(name), hidden)
-
-    sizes = {
-        "hidden": target["hidden_size"],
-        "intermediate": target["intermediate_size"],
-        "heads": target["num_attention_heads"],
-        "kv_heads": target["num_key_value_heads"],
-        "kv_groups": target["num_attention_heads"] // target["num_key_value_heads"],
-    }
-    for module, attributes in (
-        (layer.get_submodule(layout.attention), layout.attention_attributes),
-        (layer.get_submodule(layout.mlp), layout.mlp_attributes),
-        (layer, layout.layer_attributes),
-    ):
-        for attr, size in attributes.items():
-            if isinstance(getattr(module, attr, None), int):
-                setattr(module, attr, sizes[size])
 
 
 @torch.no_grad()
@@ -180,7 +191,10 @@ def _correct_hidden_norms(model: nn.Module, layout: ArchitectureLayout, plan: Pr
     if plan.norm_correction != "calibrated":
         return
     # Norms are named by their source path: layer i of the pruned model is source layer plan.layers[i].
-    sources = [f"{layout.layers}.{src}.{name}" for src in plan.layers for name in layout.layer_norms] + [layout.final_norm]
+    layers = layout.decoder_layers(model)
+    sources = [
+        f"{layout.layers}.{src}.{name}" for src, layer in zip(plan.layers, layers) for name in layout.layer_norm_roles_of(layer)
+    ] + [layout.final_norm]
     for src_path, (_, norm) in zip(sources, layout.norm_modules(model)):
         if src_path not in plan.norm_scales:
             raise ValueError(f"The pruning plan has no norm correction for `{src_path}`: re-estimate the importance scores.")
@@ -219,6 +233,11 @@ def apply_plan(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout, co
         _compensate_embedding_scale(model, layout, source, target, tied)
 
     layout.write_sizes(model.config, target)
+    if layout.moe is not None and "num_experts" in target:
+        sizes = {"experts": target["num_experts"]}
+        for attr, size in layout.moe.model_attributes.items():
+            if isinstance(getattr(model, attr, None), int) and size in sizes:
+                setattr(model, attr, sizes[size])
 
 
 def check_plan_reloads(model: nn.Module, plan: PrunePlan, layout: ArchitectureLayout) -> None:
@@ -278,8 +297,12 @@ def prune_model(
 
     Width pruning keeps the highest-scoring hidden channels (embeddings, every norm, q/k/v and gate/up
     inputs, o/down outputs, ``lm_head``; tied embeddings stay tied), MLP neurons per layer, and query heads
-    within KV groups (whole KV groups when ``num_key_value_heads`` shrinks). Depth pruning removes whole
-    layers and re-numbers ``layer_idx`` so KV-cache generation works. ``head_dim`` stays fixed and is written
+    within KV groups (whole KV groups when ``num_key_value_heads`` shrinks). In MoE layers it keeps the best routed
+    experts per layer (router rows and fused expert tensors; group-aware under group-limited routing), each kept
+    expert's own best neurons and the shared expert's; in Mamba2 layers the best heads within each SSM group and each
+    kept head's best channels (``in_proj``, ``conv1d``, ``A_log``/``D``/``dt_bias``, gated norm, ``out_proj``). Depth
+    pruning removes whole layers of any block type, re-indexes per-layer config lists (block types, attention types,
+    dense-layer lists) and re-numbers ``layer_idx`` so KV-cache (and SSM-cache) generation works. ``head_dim`` stays fixed and is written
     into the config. Provenance (source, settings, kept indices) is attached as ``model.minitron_provenance``
     and written by :func:`save_pruned_model` as ``minitron_config.json``.
 
@@ -304,14 +327,15 @@ def prune_model(
     start = time.perf_counter()
     layout = check_prunable_model(model)
     source = layout.read_sizes(model.config)
-    resolve_target_sizes(source, config)  # fail on an impossible target before any costly pass
+    parts = [layout.layer_parts(layer) for layer in layout.decoder_layers(model)]
+    resolve_target_sizes(source, config, layout, parts)  # fail on an impossible target before any costly pass
     if importance is None and _needs_scores(config, source):
         if calibration_data is None:
             raise ValueError(
                 "This target needs importance scores: pass `importance=estimate_importance(...)` or `calibration_data=`."
             )
         importance = estimate_importance(model, calibration_data, config, tokenizer=tokenizer)
-    plan = make_plan(config, source, importance)
+    plan = make_plan(config, source, importance, parts, layout)
     check_plan_reloads(model, plan, layout)
     apply_plan(model, plan, layout)
     drop_dequantized_gguf_marker(model)  # the pruned model is a new float model; the GGUF marker would block saving

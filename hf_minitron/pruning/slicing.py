@@ -21,16 +21,22 @@ def _replace(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 @torch.no_grad()
 def slice_linear(linear: nn.Linear, out_idx: list[int] | None = None, in_idx: list[int] | None = None) -> None:
-    """Keep output rows ``out_idx`` and input columns ``in_idx`` of ``linear`` (``None`` keeps all)."""
+    """Keep output rows ``out_idx`` and input columns ``in_idx`` of ``linear`` (``None`` keeps all).
+
+    Any module with a 2-D ``weight [out, in]`` (and optional ``bias [out]``) works, e.g. an MoE router.
+    """
     weight = linear.weight  # [out_features, in_features]
+    bias = getattr(linear, "bias", None)
     if out_idx is not None:
         weight = weight.index_select(0, _index(out_idx, weight.device))
-        if linear.bias is not None:
-            _replace(linear, "bias", linear.bias.index_select(0, _index(out_idx, linear.bias.device)))
-        linear.out_features = len(out_idx)
+        if isinstance(bias, torch.Tensor):
+            _replace(linear, "bias", bias.index_select(0, _index(out_idx, bias.device)))
+        if hasattr(linear, "out_features"):
+            linear.out_features = len(out_idx)
     if in_idx is not None:
         weight = weight.index_select(1, _index(in_idx, weight.device))
-        linear.in_features = len(in_idx)
+        if hasattr(linear, "in_features"):
+            linear.in_features = len(in_idx)
     if weight is not linear.weight:
         _replace(linear, "weight", weight)
 

@@ -8,9 +8,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..architectures import ArchitectureLayout, get_layout
+from ..architectures import ArchitectureLayout
+from ..architectures.depth import keep_layers
+from ..architectures.layout import BLOCK_SIZE_KEYS
 from ..config import MinitronPruneConfig
-from ..pruning import resolve_target_sizes
+from ..counting import inactive_layer_params
+from ..importance import ImportanceScores
+from ..pruning.plan import select_layers
 
 
 # ------------------------------------------------------------------------------------------ parameter count
@@ -41,80 +45,159 @@ def _meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def predict_num_params(model_or_config, sizes: Mapping[str, int] | MinitronPruneConfig) -> int:
+def predict_num_params(
+    model_or_config,
+    sizes: Mapping[str, int] | MinitronPruneConfig,
+    kept_layers: Sequence[int] | None = None,
+    importance: ImportanceScores | None = None,
+) -> int:
     """Exact parameter count of ``model_or_config`` pruned to ``sizes``, with no weights in memory.
 
     Builds the pruned shape on the meta device with stock ``AutoModelForCausalLM.from_config`` and counts its
-    unique parameters, so biases, norms and tied (counted once) or untied embeddings are right for every family
-    the registry supports.
+    unique parameters, so biases, norms, tied (counted once) or untied embeddings, routers, shared experts and Mamba
+    tensors are right for every family the registry supports. Same as :func:`hf_minitron.counting.count_params`: in a
+    model whose layers hold different blocks (hybrids, dense + MoE layers) a depth change needs ``kept_layers`` or
+    ``importance`` (which layers are kept decides the count).
 
     Example:
         >>> predict_num_params(model, MinitronPruneConfig(hidden_size=48, num_hidden_layers=3))  # doctest: +SKIP
         61616
     """
-    config = getattr(model_or_config, "config", model_or_config)
-    layout = get_layout(config.model_type)
-    source = layout.read_sizes(config)
-    if isinstance(sizes, MinitronPruneConfig):
-        sizes = resolve_target_sizes(source, sizes)
-    return _unique_numel(_meta_model(_shaped_config(config, layout, sizes)))
+    from ..counting import count_params
+
+    return count_params(model_or_config, sizes, kept_layers, importance)
 
 
 class _ParamCounter:
-    """Exact counts for many shapes from few 1-layer meta models.
+    """Exact total and active counts for many shapes from few meta builds.
 
-    In every registered family a decoder layer is an attention block whose size depends on (hidden, heads, KV
-    heads), an MLP block depending on (hidden, MLP size) and norms depending on hidden, and all layers are alike;
-    so the count is ``outside(hidden) + layers * (attention + mlp + norms)``, and one 1-layer build per new
-    attention or MLP key fills the caches. The selected candidates are re-counted with a full meta build as a check.
+    A decoder layer's count is the sum of its blocks (``layout.layer_parts``: attention, dense MLP, routed experts +
+    router, shared expert, Mamba mixer), each depending only on the hidden size and its own sizes
+    (``BLOCK_SIZE_KEYS``), plus the rest of the layer (norms: hidden only); the count of a shape is what lies outside
+    the layers (embeddings, final norm, ``lm_head``: hidden only) plus its kept layers. Each build is a meta model with
+    one layer of every kind the source has (depth pruning's :func:`keep_layers` keeps the per-layer config lists right)
+    and fills the caches of every kind at once; a shape triggers a build only when one of its keys is new. Active
+    counts subtract each MoE layer's unrouted experts (:func:`hf_minitron.counting.active_params`). The candidates the
+    search keeps are re-counted with a full build (:meth:`exact`) as a check.
     """
 
     def __init__(self, model_config, layout: ArchitectureLayout) -> None:
         self.config, self.layout = model_config, layout
-        self.attention: dict[tuple[int, int, int], int] = {}
-        self.mlp: dict[tuple[int, int], int] = {}
-        self.outside: dict[int, tuple[int, int]] = {}  # hidden -> (outside the layers, layer minus attention/MLP)
+        source = _meta_model(_shaped_config(model_config, layout, {}))
+        self.layer_parts = [layout.layer_parts(layer) for layer in layout.decoder_layers(source)]
+        self.kinds = list(dict.fromkeys(self.layer_parts))  # distinct block sets, in order of first appearance
+        self.base_config = source.config
+        self._reduce_to([self.layer_parts.index(kind) for kind in self.kinds], source)
+        self.part_paths = self._part_paths()
+        self.parts: dict[tuple, int] = {}  # (kind, part, hidden, *part sizes) -> parameters
+        self.inactive: dict[tuple, int] = {}  # (kind, hidden, experts, expert width) -> unrouted expert parameters
+        self.rest: dict[tuple, int] = {}  # (kind, hidden) -> parameters of the layer outside its blocks (norms)
+        self.outside: dict[int, int] = {}  # hidden -> parameters outside the decoder layers
         self.builds = 0
 
+    def _reduce_to(self, representatives: list[int], source: nn.Module) -> None:
+        """Base config of the builds: one source layer of each kind (all layers if the kinds do not survive)."""
+        self.representatives = representatives
+        if len(representatives) < len(self.layer_parts):
+            keep_layers(source, self.layout, representatives)  # re-indexes block-type lists like depth pruning does
+            config = source.config
+            setattr(config, self.layout.num_layers_field, len(representatives))
+            check = _meta_model(config)
+            if [self.layout.layer_parts(layer) for layer in self.layout.decoder_layers(check)] == self.kinds:
+                self.base_config = config
+                return
+            self.representatives = list(range(len(self.layer_parts)))  # a positional rule the lists cannot express
+        self.base_config = copy.deepcopy(self.config)
+
+    def _part_paths(self) -> dict[str, tuple[str, ...]]:
+        """Module paths (relative to a layer) of each block, from the registry."""
+        layout, moe, mamba = self.layout, self.layout.moe, self.layout.mamba
+        paths = {"attention": (layout.attention,), "mlp": (layout.mlp,)}
+        if moe is not None:
+            paths["moe"] = (moe.experts, moe.router)
+            paths["shared_expert"] = tuple(p for p in (*moe.shared_paths.values(), moe.shared_expert_gate) if p)
+        if mamba is not None:
+            paths["mamba"] = (mamba.mixer,)
+        return paths
+
+    def _part_keys(self, kind: frozenset[str], sizes: Mapping[str, int]) -> dict[str, tuple]:
+        keys = {}
+        for part in sorted(kind):
+            fields = [k for k, block in BLOCK_SIZE_KEYS.items() if block == part]
+            keys[part] = (kind, part, sizes["hidden_size"], *(sizes[k] for k in fields))
+        return keys
+
+    def _inactive_key(self, kind: frozenset[str], sizes: Mapping[str, int]) -> tuple:
+        return (kind, sizes["hidden_size"], sizes.get("num_experts"), sizes.get("moe_intermediate_size"))
+
+    def _known(self, sizes: Mapping[str, int]) -> bool:
+        if sizes["hidden_size"] not in self.outside:
+            return False
+        for kind in self.kinds:
+            if (kind, sizes["hidden_size"]) not in self.rest or self._inactive_key(kind, sizes) not in self.inactive:
+                return False
+            if any(k not in self.parts for k in self._part_keys(kind, sizes).values()):
+                return False
+        return True
+
     def _build(self, sizes: Mapping[str, int]) -> None:
-        model = _meta_model(_shaped_config(self.config, self.layout, {**sizes, "num_hidden_layers": 1}))
+        width = {k: v for k, v in sizes.items() if k != "num_hidden_layers"}
+        model = _meta_model(_shaped_config(self.base_config, self.layout, width))
         self.builds += 1
-        layer = self.layout.decoder_layers(model)[0]
-        attention = _unique_numel(layer.get_submodule(self.layout.attention))
-        mlp = _unique_numel(layer.get_submodule(self.layout.mlp))
-        per_layer = _unique_numel(layer)
+        top_k = getattr(model.config, self.layout.moe.top_k_field) if self.layout.moe is not None else 0
         hidden = sizes["hidden_size"]
-        self.attention[(hidden, sizes["num_attention_heads"], sizes["num_key_value_heads"])] = attention
-        self.mlp[(hidden, sizes["intermediate_size"])] = mlp
-        self.outside[hidden] = (_unique_numel(model) - per_layer, per_layer - attention - mlp)
+        in_layers = 0
+        for i, layer in enumerate(self.layout.decoder_layers(model)):
+            kind = self.layer_parts[self.representatives[i]]
+            counts = dict.fromkeys(kind, 0)
+            rest = 0
+            for name, p in layer.named_parameters():
+                owner = max(
+                    ((part, len(path)) for part in kind for path in self.part_paths.get(part, ())
+                     if name.startswith(path + ".")),
+                    key=lambda t: t[1], default=None,
+                )
+                if owner is None:
+                    rest += p.numel()
+                else:
+                    counts[owner[0]] += p.numel()
+            for part, key in self._part_keys(kind, sizes).items():
+                self.parts[key] = counts[part]
+            self.rest[(kind, hidden)] = rest
+            self.inactive[self._inactive_key(kind, sizes)] = inactive_layer_params(layer, self.layout, top_k)
+            in_layers += _unique_numel(layer)
+        self.outside[hidden] = _unique_numel(model) - in_layers
 
     def prepare(self, shapes: Sequence[Mapping[str, int]]) -> None:
-        """Fill the caches for ``shapes`` with as few builds as possible (one per new attention / MLP key pair)."""
-        needs: dict[int, tuple[list, list]] = {}
+        """Fill the caches for ``shapes``: one build per shape that brings a new (block, sizes) key."""
         for s in shapes:
-            attention, mlp = needs.setdefault(s["hidden_size"], ([], []))
-            key = (s["num_attention_heads"], s["num_key_value_heads"])
-            if key not in attention and (s["hidden_size"], *key) not in self.attention:
-                attention.append(key)
-            if s["intermediate_size"] not in mlp and (s["hidden_size"], s["intermediate_size"]) not in self.mlp:
-                mlp.append(s["intermediate_size"])
-        for hidden, (attention, mlp) in needs.items():
-            any_heads = next((s["num_attention_heads"], s["num_key_value_heads"]) for s in shapes if s["hidden_size"] == hidden)
-            any_inter = next(s["intermediate_size"] for s in shapes if s["hidden_size"] == hidden)
-            for i in range(max(len(attention), len(mlp))):
-                heads, kv = attention[i] if i < len(attention) else any_heads
-                inter = mlp[i] if i < len(mlp) else any_inter
-                self._build({"hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
-                             "intermediate_size": inter, "num_hidden_layers": 1})
+            if not self._known(s):
+                self._build(s)
 
-    def __call__(self, sizes: Mapping[str, int]) -> int:
-        hidden = sizes["hidden_size"]
-        attention_key = (hidden, sizes["num_attention_heads"], sizes["num_key_value_heads"])
-        mlp_key = (hidden, sizes["intermediate_size"])
-        if attention_key not in self.attention or mlp_key not in self.mlp:
+    def kept_layers(self, sizes: Mapping[str, int], prune_config: MinitronPruneConfig, importance: ImportanceScores | None) -> list[int]:
+        """Source indices of the layers pruning to ``sizes`` keeps, ranked by ``importance`` as pruning ranks them (the
+        first ones when there are no scores and every layer is alike: the count is the same)."""
+        num, target = len(self.layer_parts), sizes["num_hidden_layers"]
+        if target == num:
+            return list(range(num))
+        if importance is None and len(self.kinds) == 1:
+            return list(range(target))
+        return select_layers(num, prune_config, target, importance)
+
+    def __call__(self, sizes: Mapping[str, int], kept: Sequence[int]) -> tuple[int, int]:
+        """``(total, active)`` parameters of ``sizes`` keeping source layers ``kept``."""
+        if not self._known(sizes):
             self._build(sizes)
-        outside, norms = self.outside[hidden]
-        return outside + sizes["num_hidden_layers"] * (self.attention[attention_key] + self.mlp[mlp_key] + norms)
+        total = self.outside[sizes["hidden_size"]]
+        inactive = 0
+        for i in kept:
+            kind = self.layer_parts[i]
+            total += self.rest[(kind, sizes["hidden_size"])] + sum(self.parts[k] for k in self._part_keys(kind, sizes).values())
+            inactive += self.inactive[self._inactive_key(kind, sizes)]
+        return total, total - inactive
 
-    def exact(self, sizes: Mapping[str, int]) -> int:
-        return _unique_numel(_meta_model(_shaped_config(self.config, self.layout, sizes)))
+    def exact(self, sizes: Mapping[str, int], kept: Sequence[int]) -> tuple[int, int]:
+        """``(total, active)`` from a full meta build of the pruned shape."""
+        from ..counting import active_params, count_params
+
+        return count_params(self.config, sizes, kept_layers=kept), active_params(self.config, sizes, kept_layers=kept)

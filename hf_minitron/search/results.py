@@ -12,7 +12,7 @@ from typing import Any
 
 from ..atomic import atomic_write_json
 from ..config import MinitronPruneConfig
-from .space import SEARCH_AXES
+from .space import search_axes
 
 
 RESULTS_NAME = "architecture_search.json"
@@ -24,12 +24,17 @@ class Candidate:
     """One pruned shape of the search and its scores.
 
     Attributes:
-        config: The :class:`MinitronPruneConfig` that prunes the source to this shape (all five sizes explicit;
+        config: The :class:`MinitronPruneConfig` that prunes the source to this shape (every search axis explicit;
             importance settings copied from the search's ``prune_config``).
         num_params: Exact parameter count of the pruned model (tied embeddings counted once).
-        sizes: The target sizes (``SEARCH_AXES`` plus the unchanged ``head_dim``).
+        sizes: The target sizes (the search axes plus the unchanged ones such as ``head_dim``).
+        active_params: Parameters used per token (``num_params`` minus the routed experts a token is not sent to;
+            equal to ``num_params`` for models without experts). ``None`` in results saved before it existed.
+        kept_layers: Source indices of the layers pruning keeps (what the counts of mixed-layer models depend on;
+            the first ones when the search had no importance scores and every layer is alike).
         param_fraction: ``num_params`` / source parameters.
-        target_deviation: ``num_params / target_params - 1`` (within ``±tolerance``).
+        target_deviation: ``num_params / target_params - 1`` (within ``±tolerance``; 0 without a total target).
+        active_deviation: ``active_params / target_active_params - 1`` (``None`` without an active target).
         zero_shot_loss: Mean next-token cross-entropy on the held-out data right after pruning (no training).
         retrain_loss: The same held-out loss after ``retrain_steps`` of distillation (``None`` without retraining).
         retrain_curve: Held-out loss after intermediate retraining steps, ``{step: loss}`` (includes the last step).
@@ -49,17 +54,30 @@ class Candidate:
     retrain_loss: float | None = None
     retrain_curve: dict[int, float] = field(default_factory=dict)
     rank: int | None = None
+    active_params: int | None = None
+    active_deviation: float | None = None
+    kept_layers: list[int] | None = None
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The search axes of this model (see :func:`~hf_minitron.search.search_axes`)."""
+        return search_axes(self.sizes)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """``(layers, hidden, heads, kv_heads, intermediate)``."""
-        return tuple(self.sizes[a] for a in SEARCH_AXES)
+        """``(layers, hidden, heads, kv_heads, intermediate)`` for dense models, then the block axes it has."""
+        return tuple(self.sizes[a] for a in self.axes)
 
     @property
     def name(self) -> str:
-        """A compact label, e.g. ``L30-H576-A9/3-F1024`` (layers, hidden, heads/KV heads, MLP)."""
-        layers, hidden, heads, kv, inter = self.shape
-        return f"L{layers}-H{hidden}-A{heads}/{kv}-F{inter}"
+        """A compact label: ``L30-H576-A9/3-F1024`` (layers, hidden, heads/KV heads, MLP), then ``-E8x512`` (routed
+        experts x expert width), ``-S1024`` (shared-expert width), ``-M64x64`` (Mamba heads x head dim) as present."""
+        s = self.sizes
+        name = f"L{s['num_hidden_layers']}-H{s['hidden_size']}-A{s['num_attention_heads']}/{s['num_key_value_heads']}"
+        for key, label in _NAME_PARTS:
+            if all(k in s for k in key):
+                name += f"-{label}" + "x".join(str(s[k]) for k in key)
+        return name
 
     @property
     def score(self) -> float | None:
@@ -77,6 +95,9 @@ class Candidate:
             "zero_shot_loss": self.zero_shot_loss,
             "retrain_loss": self.retrain_loss,
             "retrain_curve": {str(k): v for k, v in sorted(self.retrain_curve.items())},
+            "active_params": self.active_params,
+            "active_deviation": self.active_deviation,
+            "kept_layers": self.kept_layers,
             "config": self.config.to_dict(),
         }
 
@@ -92,6 +113,9 @@ class Candidate:
             retrain_loss=data.get("retrain_loss"),
             retrain_curve={int(k): float(v) for k, v in (data.get("retrain_curve") or {}).items()},
             rank=data.get("rank"),
+            active_params=data.get("active_params"),
+            active_deviation=data.get("active_deviation"),
+            kept_layers=data.get("kept_layers"),
         )
 
 
@@ -105,7 +129,7 @@ class SearchResult:
         candidates: Ranked best first (see :func:`search_architectures` for the ranking rule).
         source_sizes: The source model's sizes.
         source_params: The source model's parameter count.
-        target_params: The absolute parameter target.
+        target_params: The absolute parameter target (``None`` when only active parameters were targeted).
         tolerance: Relative tolerance around ``target_params``.
         ranked_by: ``"retrain_loss"``, ``"zero_shot_loss"`` or ``"param_distance"`` (no held-out data given).
         num_valid_shapes: Valid shapes enumerated from the search space.
@@ -133,6 +157,8 @@ class SearchResult:
     use_lora: bool = False
     selection: str = "spread"
     seconds: float = 0.0
+    target_active_params: int | None = None
+    source_active_params: int | None = None
 
     def __len__(self) -> int:
         return len(self.candidates)
@@ -163,15 +189,31 @@ class SearchResult:
     def to_table(self) -> str:
         """The candidates as a markdown table, best first."""
         steps = sorted({s for c in self.candidates for s in c.retrain_curve if s != self.retrain_steps})
-        header = ["rank", "shape", "layers", "hidden", "heads", "KV heads", "MLP", "params", "% source", "Δ target"]
+        axes = search_axes(self.source_sizes)
+        sparse = self.target_active_params is not None or any(
+            c.active_params is not None and c.active_params != c.num_params for c in self.candidates
+        )
+        header = ["rank", "shape", *(_AXIS_LABELS[a] for a in axes), "params", "% source"]
+        if self.target_params is not None:
+            header.append("Δ target")
+        if sparse:
+            header.append("active params")
+        if self.target_active_params is not None:
+            header.append("Δ active target")
         header += ["zero-shot loss"] + [f"loss @{s}" for s in steps]
         if self.retrain_steps:
             header.append(f"retrain loss @{self.retrain_steps}" + (" (LoRA)" if self.use_lora else ""))
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         fmt = lambda x: "–" if x is None else f"{x:.4f}"  # noqa: E731
         for c in self.candidates:
-            row = [str(c.rank), f"`{c.name}`", *map(str, c.shape), f"{c.num_params:,}"]
-            row += [f"{100 * c.param_fraction:.1f}%", f"{100 * c.target_deviation:+.2f}%", fmt(c.zero_shot_loss)]
+            row = [str(c.rank), f"`{c.name}`", *(str(c.sizes[a]) for a in axes), f"{c.num_params:,}", f"{100 * c.param_fraction:.1f}%"]
+            if self.target_params is not None:
+                row.append(f"{100 * c.target_deviation:+.2f}%")
+            if sparse:
+                row.append("–" if c.active_params is None else f"{c.active_params:,}")
+            if self.target_active_params is not None:
+                row.append("–" if c.active_deviation is None else f"{100 * c.active_deviation:+.2f}%")
+            row.append(fmt(c.zero_shot_loss))
             row += [fmt(c.retrain_curve.get(s)) for s in steps]
             if self.retrain_steps:
                 row.append(fmt(c.retrain_loss))
@@ -209,6 +251,19 @@ class SearchResult:
             data = json.load(f)
         known = {f.name for f in dataclasses.fields(cls)} - {"candidates"}
         return cls(candidates=[Candidate.from_dict(c) for c in data["candidates"]], **{k: v for k, v in data.items() if k in known})
+
+
+# Column labels of the search axes, and the name parts of the block axes (``Candidate.name``).
+_AXIS_LABELS = {
+    "num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
+    "num_key_value_heads": "KV heads", "intermediate_size": "MLP", "num_experts": "experts",
+    "moe_intermediate_size": "expert MLP", "shared_expert_intermediate_size": "shared MLP",
+    "mamba_num_heads": "Mamba heads", "mamba_head_dim": "Mamba head dim",
+}
+_NAME_PARTS = (
+    (("intermediate_size",), "F"), (("num_experts", "moe_intermediate_size"), "E"),
+    (("shared_expert_intermediate_size",), "S"), (("mamba_num_heads", "mamba_head_dim"), "M"),
+)
 
 
 def _metric(candidate: Candidate, by: str) -> float:
