@@ -4,26 +4,32 @@
 Steps, each time-guarded (SIGALRM) and wrapped so that a failure is recorded and the later steps still run when
 they can:
 
-1. build   : random-init ``LlamaForCausalLM`` shaped like Llama-3.1-8B, bf16, directly on the GPU (no download);
-2. importance: ``hf_minitron.estimate_importance`` over ``calib_samples x seq_length`` random tokens (sdpa);
-3. prune   : ``prune_model`` on a copy of the 8B to the Llama-3.1-Minitron-4B-Width shape (hidden 3072, MLP 9216,
-             32 layers, 32/8 heads; ``recipes/configs/llama3.1-8b-4b-width.yaml``);
-4. distill : a few ``DistillationTrainer`` steps (teacher = the 8B, student = the 4B, forward KL, bf16, activation
-             checkpointing, fused AdamW), once per ``--hidden_state_loss`` variant (default ``none,cosine``).
-
-Step 0 (``kd_loss``, before the build) times the logit loss alone at the same head shapes (N = distill batch x
-sequence tokens, V = 128,256, H 3072 student / 4096 teacher, bf16 weights, forward KL, forward + backward): ours
-(``fused_linear_kd_loss``) against TRL 1.16's ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (Triton on
-CUDA), side by side: median time, peak allocated memory above the inputs, and loss / gradient agreement.
+0. kd_loss  : the logit loss alone at the distillation head shapes (N = distill batch x sequence tokens, V = 128,256,
+              H 3072 student / 4096 teacher, bf16 weights, forward KL, forward + backward), three ways on the same
+              inputs: ours (``fused_linear_kd_loss``), TRL 1.16's ``ChunkedDivergenceFunction`` (Triton on CUDA) and a
+              naive full-logits KL (both ``[N, V]`` logits materialized, plain autograd): median time, peak memory
+              above the inputs, loss / gradient agreement;
+1. build    : random-init ``LlamaForCausalLM`` shaped like Llama-3.1-8B, bf16, directly on the GPU (no download);
+2. importance: ``hf_minitron.estimate_importance`` over ``calib_samples x seq_length`` (1,024 x 4,096) random tokens
+              (sdpa), against the 120 s target;
+3. prune    : ``prune_model`` on a copy of the 8B to the Llama-3.1-Minitron-4B-Width shape (hidden 3072, MLP 9216,
+              32 layers, 32/8 heads; ``recipes/configs/llama3.1-8b-4b-width.yaml``), 4.5B parameters;
+4. distill  : ``DistillationTrainer`` steps with fp32 master weights (the student in fp32, bf16 autocast; teacher =
+              the 8B in bf16; forward KL, activation checkpointing, fused AdamW): tokens/s, peak memory and MFU
+              (model FLOPs: 6 x student + 2 x teacher matmul parameters per token, plus causal attention, over
+              ``--peak_tflops``), once per ``--hidden_state_loss`` variant (default ``none``);
+5. streaming: ``estimate_importance_streaming`` (the 8B in CPU memory, one decoder layer at a time on the GPU) against
+              ``estimate_importance`` in GPU memory on the same ``--stream_samples`` samples: time, peak GPU memory,
+              largest score difference.
 
 Random weights and tokens measure speed and memory only. Results go to ``<out>/gpu_llama8b.json`` (rewritten after
 every step, so a hard kill keeps what finished). ``--tiny`` runs the same code on a tiny shape (CPU allowed) as a
 smoke test. Usually started by ``benchmarks/gpu.sh``, which also tees the log to ``<out>/log.txt``.
 
 Usage:
-    bash benchmarks/gpu.sh                                   # H200: the full run (<= 8 min)
+    bash benchmarks/gpu.sh                                   # H200: the full run (<= 5.5 min)
     bash benchmarks/gpu.sh --tiny                            # CPU smoke test (< 2 min)
-    python benchmarks/gpu_llama8b.py --batch_size 16 --distill_batch_size 1 --hidden_state_loss none
+    python benchmarks/gpu_llama8b.py --batch_size 16 --distill_batch_size 1 --hidden_state_loss none,cosine
 """
 
 from __future__ import annotations
@@ -58,8 +64,10 @@ TINY = {
     "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
 }
 TINY_TARGET = {"hidden_size": 192, "intermediate_size": 320}
-FULL_DEFAULTS = {"calib_samples": 1024, "seq_length": 4096, "batch_size": 8, "distill_steps": 5, "distill_batch_size": 2}
-TINY_DEFAULTS = {"calib_samples": 16, "seq_length": 128, "batch_size": 4, "distill_steps": 2, "distill_batch_size": 1}
+FULL_DEFAULTS = {"calib_samples": 1024, "seq_length": 4096, "batch_size": 8, "distill_steps": 5, "distill_batch_size": 2,
+                 "stream_samples": 128}
+TINY_DEFAULTS = {"calib_samples": 16, "seq_length": 128, "batch_size": 4, "distill_steps": 2, "distill_batch_size": 1,
+                 "stream_samples": 8}
 
 
 def log(msg: str = "") -> None:
@@ -92,6 +100,16 @@ def num_params_analytic(c: dict, hidden: int | None = None, inter: int | None = 
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
     embed = c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2)
     return embed + c["num_hidden_layers"] * per_layer + h
+
+
+def forward_flops_per_token(c: dict, seq: int, hidden: int | None = None, inter: int | None = None) -> float:
+    """Matmul FLOPs of one forward per token: projections, causal attention (QK^T and AV over T/2 keys on average),
+    and `lm_head` (as the fused loss computes it)."""
+    h = hidden or c["hidden_size"]
+    i = inter or c["intermediate_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    per_layer = 2 * (h * q + 2 * h * kv + q * h + 3 * h * i) + 2 * seq * q
+    return c["num_hidden_layers"] * per_layer + 2 * c["vocab_size"] * h
 
 
 def importance_memory_estimate(c: dict, params: int, w_bytes: int, batch: int, seq: int) -> dict:
@@ -182,27 +200,34 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shape smoke test (CPU if no GPU)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="model dtype (default bf16 on GPU)")
-    p.add_argument("--student_dtype", choices=["bf16", "fp32"], default=None,
-                   help="student dtype for distillation (default: the model dtype; fp32 = fp32 master weights)")
+    p.add_argument("--student_dtype", choices=["bf16", "fp32"], default="fp32",
+                   help="student dtype for distillation (fp32 = fp32 master weights with bf16 autocast, the default)")
     p.add_argument("--calib_samples", type=int, default=None)
     p.add_argument("--seq_length", type=int, default=None, help="calibration and distillation sequence length")
     p.add_argument("--batch_size", type=int, default=None, help="importance batch size")
     p.add_argument("--distill_steps", type=int, default=None)
     p.add_argument("--distill_batch_size", type=int, default=None)
-    p.add_argument("--hidden_state_loss", default="none,cosine",
+    p.add_argument("--hidden_state_loss", default="none",
                    help="comma-separated distillation variants run one after another: none, cosine, mse")
     p.add_argument("--kd_chunk_size", type=int, default=1024)
     p.add_argument("--optim", default="adamw_torch_fused")
     p.add_argument("--attn", default="sdpa")
-    p.add_argument("--budget_s", type=float, default=400.0, help="total time budget of this script")
-    p.add_argument("--importance_limit_s", type=float, default=240.0)
-    p.add_argument("--distill_limit_s", type=float, default=110.0, help="per variant")
+    p.add_argument("--budget_s", type=float, default=300.0, help="total time budget of this script")
+    p.add_argument("--importance_limit_s", type=float, default=140.0)
+    p.add_argument("--distill_limit_s", type=float, default=60.0, help="per variant")
+    p.add_argument("--stream_samples", type=int, default=None,
+                   help="samples of the layer-streaming vs in-memory importance comparison (step 5)")
+    p.add_argument("--stream_limit_s", type=float, default=60.0, help="time limit of step 5 (both passes)")
+    p.add_argument("--skip_streaming", action="store_true", help="skip step 5")
+    p.add_argument("--peak_tflops", type=float, default=989.0,
+                   help="dense bf16 peak of the GPU for MFU (H100/H200 SXM: 989)")
     p.add_argument("--target_importance_s", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kd_bench_tokens", type=int, default=None, help="N of the KD-loss step (default batch x seq)")
     p.add_argument("--kd_bench_repeats", type=int, default=3, help="timed runs per method after a warm-up")
-    p.add_argument("--kd_bench_limit_s", type=float, default=60.0, help="time limit of the KD-loss step")
-    p.add_argument("--skip_kd_bench", action="store_true", help="skip step 0 (ours vs TRL's chunked kernel)")
+    p.add_argument("--kd_bench_limit_s", type=float, default=45.0, help="time limit of the KD-loss step")
+    p.add_argument("--skip_kd_bench", action="store_true", help="skip step 0 (ours vs TRL's kernel vs naive)")
+    p.add_argument("--skip_naive", action="store_true", help="step 0 without the naive full-logits KL")
     p.add_argument("--plan_only", action="store_true", help="print the memory plan and exit (no GPU needed)")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
     args = p.parse_args()
@@ -225,8 +250,6 @@ def main() -> int:
     cuda = device.type == "cuda" and torch.cuda.is_available()
     if args.dtype is None:
         args.dtype = "bf16" if cuda else "fp32"
-    if args.student_dtype is None:
-        args.student_dtype = args.dtype
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     w_bytes = 2 if args.dtype == "bf16" else 4
     variants = [v.strip() for v in args.hidden_state_loss.split(",") if v.strip()]
@@ -300,7 +323,7 @@ def main() -> int:
     def kd_bench():
         from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-        from hf_minitron.distillation import fused_linear_kd_loss
+        from hf_minitron.distillation import fused_linear_kd_loss, kd_loss_from_logits
 
         n = args.kd_bench_tokens or args.distill_batch_size * args.seq_length
         V, hs, ht = shape["vocab_size"], target["hidden_size"], shape["hidden_size"]
@@ -317,34 +340,53 @@ def main() -> int:
             per_token, _ = ChunkedDivergenceFunction.apply(h_s, w_s, None, h_t, w_t, None, 0.0, 1.0)
             return per_token.mean()
 
+        def naive():
+            # Both [N, V] logits materialized (bf16 matmul, fp32 softmaxes), plain autograd
+            with torch.no_grad():
+                t_logits = h_t @ w_t.t()
+            return kd_loss_from_logits(h_s @ w_s.t(), t_logits)
+
         out = {"tokens": n, "vocab": V, "student_hidden": hs, "teacher_hidden": ht, "dtype": str(dtype),
                "kd_chunk_size": args.kd_chunk_size}
+        methods = [("ours", ours), ("trl", trl_kernel)] + ([] if args.skip_naive else [("naive", naive)])
         grads = {}
-        for name, fn in (("ours", ours), ("trl", trl_kernel)):
-            h_s.grad = w_s.grad = None
-            fn().backward()  # warm-up (Triton compilation, allocator)
-            times = []
-            for _ in range(args.kd_bench_repeats):
+        for name, fn in methods:
+            try:
                 h_s.grad = w_s.grad = None
-                sync()
-                reset_peak()
-                base = torch.cuda.memory_allocated(device) if cuda else 0
-                t = time.perf_counter()
-                loss = fn()
-                loss.backward()
-                sync()
-                times.append(time.perf_counter() - t)
+                fn().backward()  # warm-up (Triton compilation, allocator)
+                times = []
+                for _ in range(args.kd_bench_repeats):
+                    h_s.grad = w_s.grad = None
+                    sync()
+                    reset_peak()
+                    base = torch.cuda.memory_allocated(device) if cuda else 0
+                    t = time.perf_counter()
+                    loss = fn()
+                    loss.backward()
+                    sync()
+                    times.append(time.perf_counter() - t)
+            except torch.cuda.OutOfMemoryError as err:  # the naive loss at a large N: recorded, the others stand
+                out[name] = {"error": f"OutOfMemoryError: {err}"[:300]}
+                log(f"kd_loss[{name}]: out of memory")
+                h_s.grad = w_s.grad = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
             peak = (torch.cuda.max_memory_allocated(device) - base) / GB if cuda else None
             grads[name] = (loss.detach().float(), h_s.grad.float(), w_s.grad.float())
             out[name] = {"loss": float(loss), "s_median": statistics.median(times), "times": times, "extra_peak_gb": peak}
             log(f"kd_loss[{name}]: {statistics.median(times) * 1e3:.1f} ms fwd+bwd, extra peak {gb(peak)}, loss {float(loss):.6f}")
         tol = dict(rtol=2e-2, atol=1e-4) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
-        out["grads_match"] = all(torch.allclose(a, b, **tol) for a, b in zip(grads["ours"], grads["trl"]))
-        out["time_ours_over_trl"] = out["ours"]["s_median"] / out["trl"]["s_median"]
-        if cuda:
-            out["memory_ours_over_trl"] = out["ours"]["extra_peak_gb"] / out["trl"]["extra_peak_gb"]
-        log(f"kd_loss: ours / TRL kernel time {out['time_ours_over_trl']:.3f}x"
-            + (f", memory {out['memory_ours_over_trl']:.3f}x" if cuda else "") + f", grads match: {out['grads_match']}")
+        for other in ("trl", "naive"):
+            if other not in grads or "ours" not in grads:
+                continue
+            out[f"grads_match_{other}"] = all(torch.allclose(a, b, **tol) for a, b in zip(grads["ours"], grads[other]))
+            out[f"time_ours_over_{other}"] = out["ours"]["s_median"] / out[other]["s_median"]
+            if cuda:
+                out[f"memory_ours_over_{other}"] = out["ours"]["extra_peak_gb"] / out[other]["extra_peak_gb"]
+            log(f"kd_loss: ours / {other}: time {out[f'time_ours_over_{other}']:.3f}x"
+                + (f", memory {out[f'memory_ours_over_{other}']:.3f}x" if cuda else "")
+                + f", loss and gradients match: {out[f'grads_match_{other}']}")
         results.set("kd_loss", out)  # the inputs are freed when this returns (run_step collects garbage)
 
     if not args.skip_kd_bench:
@@ -380,7 +422,7 @@ def main() -> int:
         results.set("build", res)
         return model
 
-    teacher = run_step("build", 180, deadline, results, build)
+    teacher = run_step("build", 90, deadline, results, build)
     if teacher is None:
         log("cannot continue without the model")
         return 1
@@ -476,7 +518,7 @@ def main() -> int:
         results.set("prune", res)
         return student
 
-    student = run_step("prune", 120, deadline, results, prune)
+    student = run_step("prune", 60, deadline, results, prune)
     if student is None:
         log("cannot distill without a student")
         summary(results)
@@ -554,6 +596,12 @@ def main() -> int:
                 steady = timer.times[1:] or timer.times
                 s_step = statistics.median(steady)
                 tokens_step = args.distill_batch_size * args.seq_length
+                # Model FLOPs (MFU convention: activation-checkpointing recompute not counted): student forward +
+                # backward (3x its forward), teacher forward
+                flops_token = 3 * forward_flops_per_token(shape, args.seq_length, target["hidden_size"],
+                                                          target["intermediate_size"]) + forward_flops_per_token(
+                    shape, args.seq_length)
+                mfu = tokens_step / s_step * flops_token / (args.peak_tflops * 1e12) if cuda else None
                 losses = [h.get("kd_loss") for h in trainer.state.log_history if "kd_loss" in h]
                 hs = [h.get("hidden_state_loss") for h in trainer.state.log_history if "hidden_state_loss" in h]
                 est = plan[f"distill_student_{args.student_dtype}{'' if variant == 'none' else '_hidden'}"]
@@ -561,6 +609,7 @@ def main() -> int:
                     "variant": variant, "setup_seconds": setup_s, "train_seconds": total, "steps": len(timer.times),
                     "step_times": timer.times, "s_per_step_median_after_first": s_step,
                     "tokens_per_step": tokens_step, "tokens_per_s": tokens_step / s_step,
+                    "model_flops_per_token": flops_token, "mfu": mfu, "peak_tflops_assumed": args.peak_tflops,
                     "peak_gb": peak_gb(), "allocated_before_gb": mem_before, "est_total_gb": est["total_gb"],
                     "kd_loss": losses, "hidden_state_loss": hs, "train_loss": out.training_loss,
                     "checkpointing": bool(getattr(dargs, ckpt)),
@@ -571,7 +620,9 @@ def main() -> int:
                 }
                 log(f"distill[{variant}]: setup {setup_s:.1f} s, {len(timer.times)} steps in {total:.1f} s; "
                     f"{s_step:.2f} s/step (median after the first; first {timer.times[0]:.2f} s), "
-                    f"{tokens_step / s_step:,.0f} tokens/s, peak {gb(res['peak_gb'])} "
+                    f"{tokens_step / s_step:,.0f} tokens/s, "
+                    + (f"MFU {mfu:.1%} of {args.peak_tflops:.0f} TFLOP/s, " if mfu is not None else "")
+                    + f"peak {gb(res['peak_gb'])} "
                     f"(est. {est['total_gb']:.1f}), kd_loss {losses}")
                 results.set(f"distill_{variant}", res)
             finally:
@@ -591,6 +642,55 @@ def main() -> int:
 
     for variant in variants:
         run_step(f"distill_{variant}", args.distill_limit_s, deadline, results, distill(variant))
+    del student
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # ---- 5. layer-streaming importance vs the in-memory pass, same model, same samples
+    def streaming():
+        from hf_minitron import estimate_importance_streaming
+
+        n = min(args.stream_samples, args.calib_samples)
+        gen = torch.Generator().manual_seed(args.seed)
+        data = torch.randint(0, shape["vocab_size"], (args.calib_samples, args.seq_length), generator=gen)[:n]
+        config = dataclasses.replace(prune_config, num_calibration_samples=n)
+        out = {"samples": n, "seq_length": args.seq_length, "batch_size": args.batch_size}
+        teacher.to(device)
+        reset_peak()
+        sync()
+        t = time.perf_counter()
+        in_memory = estimate_importance(teacher, data, config, show_progress=False)
+        sync()
+        out["in_memory"] = {"seconds": time.perf_counter() - t, "peak_gb": peak_gb()}
+        t = time.perf_counter()
+        teacher.to("cpu")  # the model in CPU memory; one decoder layer at a time goes to the device
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        out["model_to_cpu_seconds"] = time.perf_counter() - t
+        reset_peak()
+        sync()
+        t = time.perf_counter()
+        streamed = estimate_importance_streaming(teacher, data, config, device=device, show_progress=False)
+        sync()
+        out["streaming"] = {"seconds": time.perf_counter() - t, "peak_gb": peak_gb()}
+        a, b = in_memory.tensors(), streamed.tensors()
+        diffs = {k: float((b[k].float() - v.float()).abs().max() / v.float().abs().max().clamp(min=1e-30))
+                 for k, v in a.items() if k in b and v.numel()}
+        out["max_relative_difference"] = max(diffs.values()) if diffs else None
+        out["relative_difference_per_score"] = diffs
+        out["same_scores"] = set(a) == set(b)
+        out["time_streaming_over_in_memory"] = out["streaming"]["seconds"] / out["in_memory"]["seconds"]
+        if cuda:
+            out["peak_streaming_over_in_memory"] = out["streaming"]["peak_gb"] / out["in_memory"]["peak_gb"]
+        log(f"streaming: {n} x {args.seq_length} tokens; in memory {out['in_memory']['seconds']:.1f} s, peak "
+            f"{gb(out['in_memory']['peak_gb'])}; layer streaming {out['streaming']['seconds']:.1f} s, peak "
+            f"{gb(out['streaming']['peak_gb'])}; largest relative score difference {out['max_relative_difference']:.2e}")
+        results.set("streaming", out)
+
+    if not args.skip_streaming:
+        run_step("streaming", args.stream_limit_s, deadline, results, streaming)
 
     summary(results)
     results.data["total_seconds"] = time.perf_counter() - T0
@@ -604,9 +704,12 @@ def summary(results: Results) -> None:
     log("== summary")
     if "kd_loss" in s:
         k = s["kd_loss"]
-        mem = f", memory {k['memory_ours_over_trl']:.3f}x" if "memory_ours_over_trl" in k else ""
-        print(f"  kd_loss    : ours {k['ours']['s_median'] * 1e3:.1f} ms, TRL kernel {k['trl']['s_median'] * 1e3:.1f} ms "
-              f"(ours / TRL: time {k['time_ours_over_trl']:.3f}x{mem}), grads match {k['grads_match']}", flush=True)
+        parts = [f"{m} {k[m]['s_median'] * 1e3:.1f} ms" + (f" / {k[m]['extra_peak_gb']:.2f} GB" if k[m].get("extra_peak_gb")
+                 is not None else "") for m in ("ours", "trl", "naive") if m in k and "s_median" in k[m]]
+        ratios = [f"ours / {o}: time {k[f'time_ours_over_{o}']:.3f}x"
+                  + (f", memory {k[f'memory_ours_over_{o}']:.3f}x" if f"memory_ours_over_{o}" in k else "")
+                  + f", match {k[f'grads_match_{o}']}" for o in ("trl", "naive") if f"time_ours_over_{o}" in k]
+        print(f"  kd_loss    : {', '.join(parts)}; {'; '.join(ratios)}", flush=True)
     if "build" in s:
         b = s["build"]
         print(f"  build      : {b['params_b']:.3f} B params in {b['seconds']:.1f} s", flush=True)
@@ -623,8 +726,14 @@ def summary(results: Results) -> None:
               flush=True)
     for k, d in s.items():
         if k.startswith("distill_"):
-            print(f"  {k:<11}: {d['s_per_step_median_after_first']:.2f} s/step, {d['tokens_per_s']:,.0f} tokens/s, "
-                  f"peak {gb(d['peak_gb'])}", flush=True)
+            mfu = f", MFU {d['mfu']:.1%}" if d.get("mfu") is not None else ""
+            print(f"  {k:<11}: {d['s_per_step_median_after_first']:.2f} s/step, {d['tokens_per_s']:,.0f} tokens/s{mfu}, "
+                  f"peak {gb(d['peak_gb'])}, student {d['student_dtype']}", flush=True)
+    if "streaming" in s:
+        st = s["streaming"]
+        print(f"  streaming  : {st['samples']} samples; in memory {st['in_memory']['seconds']:.1f} s / "
+              f"{gb(st['in_memory']['peak_gb'])}, layer streaming {st['streaming']['seconds']:.1f} s / "
+              f"{gb(st['streaming']['peak_gb'])}, max rel. score difference {st['max_relative_difference']:.2e}", flush=True)
     for k, e in results.data["errors"].items():
         print(f"  ERROR {k}: {e.splitlines()[0]}", flush=True)
 

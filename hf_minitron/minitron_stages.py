@@ -41,6 +41,7 @@ from transformers import TrainerCallback
 from .atomic import atomic_write_json, atomic_write_text, check_writable_dir, clean_stale_temp, kill_point, remove_dir
 from .config import TARGET_FIELDS, MinitronPruneConfig
 from .data import pack_texts
+from .distillation.sharding import gather_full_state_dict, release_deepspeed_accelerator, sharded_engine
 from .eval_export_stages import (
     GGUFExportStage,
     check_transformers_reload,
@@ -59,7 +60,7 @@ from .evaluation import masked_nll, perplexity
 from .hub import check_hub_push, push_folder_to_hub, render_model_card
 from .importance import SCORES_NAME, ImportanceScores, estimate_importance
 from .logging import get_logger, progress_enabled
-from .pipeline import RESULTS_NAME, STATE_NAME, MinitronRecipeArguments, last_complete_checkpoint, load_model_and_tokenizer, load_model_folder, load_texts
+from .pipeline import RESULTS_NAME, STATE_NAME, MinitronRecipeArguments, _dtype, last_complete_checkpoint, load_model_and_tokenizer, load_model_folder, load_texts
 from .pruning import prune_model
 from .pruning.prune import write_model_folder
 from .stages import LazyValue, Stage, StageChangedError, StageContext
@@ -116,6 +117,7 @@ class RecipeContext(StageContext):
     task_plan: TaskPlan | None = None  # None: perplexity only (task_note says why when it was not the user's choice)
     task_note: str | None = None
     gguf: GGUFSetup | None = None
+    engine: str | None = None  # "fsdp" / "deepspeed" when the trainers shard the models (accelerate config or arguments)
     _texts: tuple[list[str], list[str]] | None = field(default=None, repr=False)
 
     @classmethod
@@ -129,8 +131,15 @@ class RecipeContext(StageContext):
         hub_token = check_hub_push(training_args.hub_model_id, training_args.hub_token) if push else None
         _check_teacher_cache_options(args, training_args)
         out = os.path.abspath(training_args.output_dir)
+        engine = sharded_engine(training_args)
+        if engine is not None and args.search and args.search_retrain_steps > 0:
+            raise ValueError(
+                f"Architecture search with retraining (`search_retrain_steps > 0`) is not supported under {engine}: run "
+                "the search zero-shot (`search_retrain_steps: 0`) or without sharding, then distill the chosen shape."
+            )
         ctx = cls(output_dir=out, resume=args.resume, state_file=os.path.join(out, STATE_NAME), args=args,
-                  training_args=training_args, prune_config=args.prune_config(), hub_token=hub_token, push=push)
+                  training_args=training_args, prune_config=args.prune_config(), hub_token=hub_token, push=push,
+                  engine=engine)
         ctx.texts()  # a corpus too small for the held-out split fails here, before any model is loaded
         # Task and GGUF options are checked before any model loads too (unknown tasks, no cloze example, no converter).
         ctx.task_plan, ctx.task_note = plan_tasks(args, ctx.texts()[1])
@@ -154,7 +163,19 @@ class RecipeContext(StageContext):
         return self._texts
 
     def load_model(self, folder: str):
-        return load_model_folder(folder, self.args.model_dtype, trust_remote_code=self.training_args.trust_remote_code)
+        return self.to_device(load_model_folder(folder, self.args.model_dtype, trust_remote_code=self.training_args.trust_remote_code))
+
+    def to_device(self, model):
+        """Under FSDP2 / ZeRO-3, whole models (importance, pruning, evaluation) live on this process's accelerator:
+        the trainers shard them from there. Elsewhere models stay where they were loaded."""
+        if self.engine is not None and self.state.device.type != "cpu":
+            model.to(self.state.device)
+        return model
+
+    def gathered_dir(self, name: str) -> str:
+        """A folder every process can read, where the main process writes a model gathered from its shards (a
+        ``.tmp-`` name: a killed run's is cleaned at the next start)."""
+        return os.path.join(self.output_dir, f".tmp-gathered-{name}")
 
     def temp_run_dir(self) -> tempfile.TemporaryDirectory:
         """Scratch space for a trainer's ``output_dir`` (removed afterwards; a killed run's is cleaned at start)."""
@@ -218,6 +239,7 @@ class SourceModelStage(Stage):
     def run(self, ctx: RecipeContext, inputs) -> dict[str, Any]:
         a = ctx.args
         teacher, tokenizer = load_model_and_tokenizer(a.model_name_or_path, a.gguf_file, a.model_dtype, ctx.training_args.trust_remote_code)
+        ctx.to_device(teacher)
         max_positions = getattr(teacher.config.get_text_config(), "max_position_embeddings", None)
         if isinstance(max_positions, int) and a.seq_length > max_positions:
             raise ValueError(
@@ -296,7 +318,7 @@ class TeacherCorrectionStage(Stage):
         return {"steps": a.teacher_correction_steps, "learning_rate": a.teacher_original_learning_rate * a.teacher_correction_lr_fraction,
                 "lora": a.teacher_correction_use_lora, "per_device_train_batch_size": t.per_device_train_batch_size,
                 "gradient_accumulation_steps": t.gradient_accumulation_steps, "seed": t.seed, "bf16": t.bf16, "use_cpu": t.use_cpu,
-                "num_processes": ctx.num_processes}
+                "num_processes": ctx.num_processes, **({"engine": ctx.engine} if ctx.engine else {})}
 
     def run(self, ctx: RecipeContext, inputs) -> dict[str, Any]:
         from .teacher_correction import TeacherCorrectionConfig, correct_teacher
@@ -312,8 +334,18 @@ class TeacherCorrectionStage(Stage):
                 seed=t.seed, use_cpu=t.use_cpu, bf16=t.bf16, report_to="none", save_strategy="no",
                 logging_steps=max(1, a.teacher_correction_steps // 10), max_length=a.seq_length,
                 disable_tqdm=not (ctx.is_main_process and progress_enabled()),
+                # The engine of distillation when set by arguments (an accelerate config applies to every trainer)
+                fsdp=t.fsdp, fsdp_config=t.fsdp_config if t.fsdp else None, deepspeed=t.deepspeed,
             )
-            corrected = correct_teacher(teacher, tc_args, _dataset(inputs["train"]), processing_class=inputs["tokenizer"])
+            # Sharded: gathered into a shared folder by the main process and loaded back whole on every process
+            gathered = ctx.gathered_dir(self.name) if ctx.engine else None
+            corrected = correct_teacher(teacher, tc_args, _dataset(inputs["train"]), processing_class=inputs["tokenizer"],
+                                        save_directory=gathered)
+            if gathered is not None:  # every process has loaded it
+                ctx.barrier()
+                if ctx.is_main_process:
+                    remove_dir(gathered)
+        ctx.to_device(corrected)
         info = {"steps": a.teacher_correction_steps, "learning_rate": tc_args.learning_rate, "lora": a.teacher_correction_use_lora,
                 "teacher_perplexity_before": before}
         return {"teacher": corrected.eval(), "teacher_correction": info, "_tokenizer": inputs["tokenizer"]}
@@ -542,7 +574,8 @@ class DistillStage(Stage):
 
     def settings(self, ctx: RecipeContext) -> dict[str, Any]:
         values = self.training_args(ctx).to_dict()
-        return {**{k: v for k, v in values.items() if k not in _TRAINING_FIELDS_WITHOUT_EFFECT}, "num_processes": ctx.num_processes}
+        return {**{k: v for k, v in values.items() if k not in _TRAINING_FIELDS_WITHOUT_EFFECT}, "num_processes": ctx.num_processes,
+                **({"engine": ctx.engine} if ctx.engine else {})}
 
     def _checkpoints(self, ctx: RecipeContext, run_dir: str) -> str | None:
         """The checkpoint to resume from, after removing checkpoints made with other settings."""
@@ -580,10 +613,11 @@ class DistillStage(Stage):
         student = inputs["pruned"]
         provenance = student.minitron_provenance
         state = _trainer_state(last)
+        trainer = None
         if state is not None and run_args.max_steps > 0 and state["global_step"] >= run_args.max_steps:
             # Killed after the last checkpoint: training is complete. (Resuming would run one step too many.)
             logger.info(f"Distillation had finished in {last}: taking its weights")
-            distilled = ctx.load_model(last)
+            distilled = self._finished_checkpoint(ctx, last, student)
             global_step, history = state["global_step"], state["log_history"]
             logged = [(h["step"], h["loss"]) for h in history if "loss" in h]
             steps = [b[0] - a[0] for a, b in zip([(0, None)] + logged[:-1], logged)]
@@ -591,6 +625,8 @@ class DistillStage(Stage):
         else:
             if last:
                 logger.info(f"Resuming distillation from {last}")
+            if ctx.engine == "deepspeed":
+                release_deepspeed_accelerator()  # teacher correction's finished trainer held this process's DeepSpeed state
             trainer = DistillationTrainer(
                 model=student, teacher_model=teacher, args=run_args, train_dataset=_dataset(inputs["train"]),
                 processing_class=inputs["tokenizer"], callbacks=[_KillAtCheckpoint()],
@@ -601,10 +637,43 @@ class DistillStage(Stage):
         distilled.minitron_provenance = provenance
         tokens = global_step * run_args.per_device_train_batch_size * run_args.gradient_accumulation_steps * ctx.num_processes
         log = {"tokens": tokens * ctx.args.seq_length, "train_loss": train_loss, "log_history": history}
-        return {"distilled": distilled.eval(), "distill_log": log, "_tokenizer": inputs["tokenizer"]}
+        outputs = {"distilled": distilled.eval(), "distill_log": log, "_tokenizer": inputs["tokenizer"]}
+        if trainer is not None and ctx.engine is not None:
+            # Both models were sharded in place. The student's full weights are gathered (a collective, every process)
+            # for `save`; later stages read whole models: the student from this stage's folder, the teacher reloaded.
+            outputs["_state_dict"] = gather_full_state_dict(trainer, _dtype(ctx.args.model_dtype))
+            outputs["_model"] = distilled
+            folder = self.folder(ctx)
+            outputs["distilled"] = LazyValue(lambda: ctx.load_model(folder))
+            self.mutates = type(self).mutates + ("teacher",)
+            trainer.accelerator.free_memory()
+        return outputs
+
+    def _finished_checkpoint(self, ctx: RecipeContext, checkpoint: str, student):
+        """The student's weights in a checkpoint of a finished run: a whole model, or (FSDP's ``SHARDED_STATE_DICT``)
+        DCP shards merged by accelerate's ``merge_fsdp_weights`` into ``student``."""
+        names = os.listdir(checkpoint)
+        if any(n.startswith(("model", "pytorch_model")) and n.endswith((".safetensors", ".bin", ".json")) for n in names):
+            return ctx.load_model(checkpoint)
+        shards = os.path.join(checkpoint, "pytorch_model_fsdp_0")
+        if not os.path.isdir(shards):
+            raise ValueError(f"{checkpoint} holds no model weights: remove it to rerun the last steps of distillation.")
+        from accelerate.utils import merge_fsdp_weights
+        from safetensors.torch import load_file
+
+        merged = ctx.gathered_dir(self.name)
+        merge_fsdp_weights(shards, merged, safe_serialization=True)  # the main process writes, every process waits
+        student.load_state_dict(load_file(os.path.join(merged, "model.safetensors")))
+        ctx.barrier()
+        if ctx.is_main_process:
+            remove_dir(merged)
+        return ctx.to_device(student)
 
     def save(self, ctx, outputs, folder) -> None:
-        write_model_folder(outputs["distilled"], folder, tokenizer=outputs["_tokenizer"])
+        if "_state_dict" in outputs:  # gathered from the shards
+            write_model_folder(outputs["_model"], folder, tokenizer=outputs["_tokenizer"], state_dict=outputs["_state_dict"])
+        else:
+            write_model_folder(outputs["distilled"], folder, tokenizer=outputs["_tokenizer"])
         atomic_write_json(os.path.join(folder, "distill_log.json"), outputs["distill_log"])
 
     def load(self, ctx: RecipeContext, folder: str) -> dict[str, Any]:

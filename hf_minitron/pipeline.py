@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import TARGET_FIELDS, MinitronPruneConfig
 from .data import holdout_every, load_default_corpus, load_text_file
+from .distillation.sharding import whole_model_loading
 from .gguf_export import GGUF_OUTTYPES
 from .logging import get_logger
 from .pruning import PROVENANCE_NAME, load_provenance
@@ -303,14 +304,18 @@ def load_model_and_tokenizer(
     if model_name_or_path is None:
         from .embedded import load_smollm2
 
-        return load_smollm2(_dtype(dtype))
+        with whole_model_loading():
+            return load_smollm2(_dtype(dtype))
     model_name_or_path, gguf_file = _resolve_gguf(model_name_or_path, gguf_file)
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=_dtype(dtype), **kwargs)
+        # Whole, even under DeepSpeed ZeRO-3 arguments (which would partition it at load time): the recipe scores and
+        # prunes it on every process before a trainer shards it
+        with whole_model_loading():
+            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=_dtype(dtype), **kwargs)
     except ValueError as err:
         if "trust_remote_code" not in str(err) or trust_remote_code:
             raise
@@ -326,9 +331,11 @@ def load_model_and_tokenizer(
 
 
 def load_model_folder(folder: str, dtype: torch.dtype | str = "float32", trust_remote_code: bool = False):
-    """A model saved by a stage (``save_pruned_model`` layout), with its ``minitron_provenance`` attached."""
+    """A model saved by a stage (``save_pruned_model`` layout), with its ``minitron_provenance`` attached; whole even
+    under DeepSpeed ZeRO-3 arguments."""
     dtype = _dtype(dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    with whole_model_loading():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     if os.path.isfile(os.path.join(folder, PROVENANCE_NAME)):
         model.minitron_provenance = load_provenance(folder)
     return model.eval()
@@ -391,7 +398,10 @@ def run_minitron(args: MinitronRecipeArguments, training_args, stages=None) -> d
     run another list, e.g. with an extra stage appended). ``training_args`` is a
     :class:`~hf_minitron.distillation.DistillationConfig`; its ``output_dir`` holds every stage's folder and the
     final model in ``<output_dir>/<final_subdir>``. Only the main process writes; under ``accelerate launch`` the
-    other processes take part in the importance pass (sharded) and in training (DDP).
+    other processes take part in the importance pass (sharded) and in training (DDP, or FSDP2 / DeepSpeed ZeRO-3 with
+    an accelerate config such as ``recipes/accelerate/fsdp2.yaml``: then teacher correction and distillation shard
+    both models, while importance, pruning and evaluation run on whole models on each process's accelerator, and a
+    model trained sharded is gathered into its stage's stock checkpoint and loaded back whole from it).
 
     Raises:
         ValueError: a bad setting, an unusable ``output_dir`` or a push without credentials, before any work.

@@ -376,6 +376,21 @@ def _(env):
     env.recipe("--search", "true")
 
 
+@trigger("cli-search-retrain-sharded")
+def _(env):
+    env.monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with fsdp2.yaml exports
+    env.recipe("--search", "true", "--target_params", "0.6", "--search_retrain_steps", "4")
+
+
+@trigger("teacher-correction-sharded-no-folder")
+def _(env):
+    from hf_minitron.teacher_correction import TeacherCorrectionConfig, correct_teacher
+
+    env.monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = TeacherCorrectionConfig(output_dir=env.path("tc"), original_learning_rate=1e-4, max_steps=1, use_cpu=True, report_to="none")
+    correct_teacher(tiny_llama(), args, [], processing_class=word_tokenizer())
+
+
 @trigger("cli-final-subdir-empty")
 def _(env):
     env.recipe("--final_subdir", "")
@@ -490,7 +505,6 @@ def _cache_on_corpus(env, seq_length: int = 32, max_samples: int = 8) -> str:
 
 
 def _cache_trainer(env, cache: str, **kwargs):
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_minitron import DistillationConfig, DistillationTrainer, TeacherLogitCache

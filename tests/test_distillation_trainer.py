@@ -146,6 +146,7 @@ def test_peft_lora_student_with_gradient_checkpointing(tmp_path):
     assert torch.equal(merged.lm_head.weight, base["lm_head.weight"])  # frozen base
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -238,6 +239,13 @@ def test_config_validation(tmp_path):
         _args(tmp_path, hidden_state_weight="big")
     assert _args(tmp_path, hidden_state_weight="0.3").hidden_state_weight == 0.3
     assert _args(tmp_path, hidden_state_layer_map="0,2,3").hidden_state_layer_map == [0, 2, 3]
+    # From the command line (TrlParser, as the recipe parses it), the default layer map stays "auto"
+    from trl import TrlParser
+
+    (parsed,) = TrlParser((DistillationConfig,)).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--hidden_state_loss", "cosine", "--use_cpu", "True"]
+    )
+    assert parsed.hidden_state_layer_map == "auto"
     with pytest.raises(ValueError, match="teacher_model_init_kwargs"):
         teacher = make_teacher()
         DistillationTrainer(

@@ -7,6 +7,7 @@ construction and :func:`cached_distill_loss` in place of its teacher forward whe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from transformers.utils import logging
 
 from .checks import checkpoint_dir, load_local_tokenizer, output_head
 from .logit_cache import TeacherLogitCache, cache_teacher_logits
+from .sharding import full_weight, gathered
 from .topk_loss import fused_linear_topk_kd_loss
 
 
@@ -62,7 +64,7 @@ def student_vocab(cache: TeacherLogitCache, student: nn.Module, processing_class
 def cached_distill_loss(trainer, student: nn.Module, inputs: dict, num_items_in_batch) -> tuple[torch.Tensor, None, torch.Tensor]:
     """`(logit_loss, None, stats)` of one batch against the cached teacher; the same contract as the trainer's
     `_distill_loss` (runs inside the student wrapper's forward)."""
-    from .trainer import _NON_MODEL_KEYS, _full_param  # the trainer imports this module
+    from .trainer import _NON_MODEL_KEYS  # the trainer imports this module
 
     args = trainer.args
     model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
@@ -74,8 +76,7 @@ def cached_distill_loss(trainer, student: nn.Module, inputs: dict, num_items_in_
     mask = targets != -100  # [B, T']
     num_valid = mask.sum()
 
-    s_out = student(**model_inputs, output_hidden_states=True, logits_to_keep=1)
-    s_last = s_out.hidden_states[-1][:, cut]  # [B, T', Hs]
+    s_last = trainer._backbone_states(student, model_inputs, False)[-1][:, cut]  # [B, T', Hs], post final norm
 
     input_ids = inputs["input_ids"]
     needed = torch.zeros(input_ids.shape, dtype=torch.bool)
@@ -89,23 +90,27 @@ def cached_distill_loss(trainer, student: nn.Module, inputs: dict, num_items_in_
     normalizer = num_items_in_batch if num_items_in_batch is not None else num_valid.clamp(min=1)
     if torch.is_tensor(normalizer):
         normalizer = normalizer.to(device)
-    logit_loss, (kd_sum, ce_sum, _) = fused_linear_topk_kd_loss(
-        s_last.to(device),
-        _full_param(s_head.weight),
-        t_ids[:, cut].to(device),
-        t_lp[:, cut].to(device),
-        t_lt[:, cut].to(device),
-        mask.to(device),
-        student_bias=_full_param(getattr(s_head, "bias", None)),
-        targets=targets.to(device).clamp(min=0),
-        kd_weight=args.kd_weight,
-        ce_weight=args.ce_weight,
-        vocab_size=trainer.kd_vocab_size,
-        student_logit_transforms=trainer.student_logit_transforms,
-        chunk_size=args.kd_chunk_size,
-        normalizer=normalizer,
-        return_components=True,
-    )
+    # The student head is gathered once when sharded (as in the live-teacher loss)
+    with contextlib.ExitStack() as stack:
+        s_w, s_b = s_head.weight, getattr(s_head, "bias", None)
+        stack.enter_context(gathered(s_w, s_b))
+        logit_loss, (kd_sum, ce_sum, _) = fused_linear_topk_kd_loss(
+            s_last.to(device),
+            full_weight(s_w, s_last.dtype),
+            t_ids[:, cut].to(device),
+            t_lp[:, cut].to(device),
+            t_lt[:, cut].to(device),
+            mask.to(device),
+            student_bias=full_weight(s_b, s_last.dtype),
+            targets=targets.to(device).clamp(min=0),
+            kd_weight=args.kd_weight,
+            ce_weight=args.ce_weight,
+            vocab_size=trainer.kd_vocab_size,
+            student_logit_transforms=trainer.student_logit_transforms,
+            chunk_size=args.kd_chunk_size,
+            normalizer=normalizer,
+            return_components=True,
+        )
     zero = torch.zeros((), device=device)
     stats = torch.stack([num_valid.to(device).float(), kd_sum.float(), ce_sum.float(), zero]).detach()
     return logit_loss, None, stats

@@ -23,6 +23,7 @@ from ..architectures import (
     get_layout,
     resolve_logit_transforms,
 )
+from .sharding import param_shape
 
 
 logger = logging.get_logger(__name__)
@@ -63,7 +64,7 @@ def output_head(model: nn.Module, role: str) -> nn.Module:
         else:
             head = head.modules_to_save[active[0]]
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    if not isinstance(weight, torch.Tensor) or len(param_shape(weight)) != 2:
         raise ValueError(f"The {role}'s output head ({type(head).__name__}) has no 2-D `weight`; the fused loss needs a linear `lm_head`.")
     return head
 

@@ -159,6 +159,8 @@ class DistillationConfig(SFTConfig):
                 raise ValueError(
                     f"`hidden_state_weight` must be 'dynamic' or a float, got {self.hidden_state_weight!r}."
                 ) from None
+        if self.hidden_state_layer_map is None:  # what command-line parsing (TrlParser) leaves for the default
+            self.hidden_state_layer_map = "auto"
         if isinstance(self.hidden_state_layer_map, str) and self.hidden_state_layer_map != "auto":
             text = self.hidden_state_layer_map.strip()
             try:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl import SFTTrainer
-from trl.models.utils import _ForwardRedirection, prepare_deepspeed
+from trl.models.utils import _ForwardRedirection
 
 from ..model_utils import instance_patches, strip_instance_patches
 from .checks import (
@@ -32,11 +32,21 @@ from .cached_teacher import cached_distill_loss, open_cache_for_training, studen
 from .config import DistillationConfig
 from .layer_map import final_norm, get_provenance, resolve_layer_map
 from .losses import fused_linear_kd_loss, hidden_state_loss
+from .sharding import (
+    check_sharding_setup,
+    full_weight,
+    gathered,
+    is_fsdp,
+    is_sharded,
+    param_shape,
+    prepare_teacher,
+)
 
 
 logger = logging.get_logger(__name__)
 
 PROJECTION_FILE = "minitron_projection.safetensors"
+PROJECTION_OPTIMIZER_FILE = "minitron_projection_optimizer.pt"  # its optimizer and LR-scheduler states
 STATE_FILE = "minitron_distillation_state.json"  # the dynamic hidden-state weight α, for exact resumes
 # Collator/bookkeeping keys that must not reach the models' forward
 _NON_MODEL_KEYS = ("labels", "shift_labels", "completion_mask", "assistant_masks", "num_items_in_batch")
@@ -45,19 +55,15 @@ _NON_MODEL_KEYS = ("labels", "shift_labels", "completion_mask", "assistant_masks
 _base = base_model
 
 
-def _full_param(p: torch.Tensor | None) -> torch.Tensor | None:
-    """A plain tensor for a (possibly FSDP2 DTensor) parameter."""
-    if p is not None and hasattr(p, "full_tensor"):
-        return p.full_tensor()
-    return p
-
-
 class _DistillationStepCallback(TrainerCallback):
-    """Per-optimizer-step bookkeeping of what lives outside the (DDP-wrapped) student.
+    """Per-optimizer-step bookkeeping of what lives outside the (DDP/FSDP/DeepSpeed-wrapped) student.
 
-    Before each optimizer step the projection's gradients are averaged over data-parallel ranks and clipped with
-    `max_grad_norm`; after it they are cleared (`Trainer` only zeroes the model's gradients), and the dynamic
-    hidden-state weight α of the next step is set from this step's loss totals.
+    The hidden-state projection has its own optimizer and LR schedule (the engines only know the student's
+    parameters: FSDP2 re-maps the optimizer onto the student's shards, ZeRO-3 partitions every parameter it is given).
+    Before each optimizer step its gradients are averaged over data-parallel ranks, unscaled (fp16 gradient scaler)
+    and clipped with `max_grad_norm`; after the student's step it steps too (skipped with the student's when the
+    scaler found an overflow), its gradients are cleared, and the dynamic hidden-state weight α of the next step is
+    set from this step's loss totals.
     """
 
     def __init__(self, trainer: DistillationTrainer):
@@ -75,13 +81,21 @@ class _DistillationStepCallback(TrainerCallback):
             for g in grads:
                 dist.all_reduce(g, op=dist.ReduceOp.SUM)
                 g.div_(world)
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            for g in grads:
+                g.div_(scaler.get_scale())
         if args.max_grad_norm and args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(proj.parameters()), args.max_grad_norm)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.projection is not None:
-            self.trainer.projection.zero_grad(set_to_none=True)
-        self.trainer._finish_alpha_step()
+        trainer = self.trainer
+        if trainer.projection is not None:
+            if trainer._projection_optimizer is not None and not trainer.accelerator.optimizer_step_was_skipped:
+                trainer._projection_optimizer.step()
+                trainer._projection_scheduler.step()
+            trainer.projection.zero_grad(set_to_none=True)
+        trainer._finish_alpha_step()
 
 
 class DistillationTrainer(SFTTrainer):
@@ -95,7 +109,9 @@ class DistillationTrainer(SFTTrainer):
     - an optional hidden-state loss (cosine or MSE) between post-norm hidden states of mapped layers, through one
       learned `nn.Linear(H_student, H_teacher, bias=False)` shared across layers when the widths differ, weighted by a
       fixed float or dynamically by α = L_logits / L_hidden, one value per optimizer step (see below);
-    - a frozen teacher in eval mode, run under `torch.no_grad()` and prepared by accelerate like TRL's `GKDTrainer`.
+    - a frozen teacher in eval mode, run under `torch.no_grad()` and prepared by accelerate like TRL's `GKDTrainer`;
+    - FSDP2 and DeepSpeed ZeRO-3 through accelerate with both models sharded (`sharding.py`): each `lm_head` is
+      gathered once per forward, gradients are exact, checkpoints stay sharded and `save_model` writes a stock model.
 
     Not TRL's own `trl.DistillationTrainer`, which is on-policy (the student generates, with vLLM, and is trained
     on its own samples): this one is off-policy, on a fixed corpus, for students pruned from their teacher.
@@ -119,8 +135,9 @@ class DistillationTrainer(SFTTrainer):
     under gradient accumulation. "Post-norm" hidden states are a layer's output passed through the model's final norm
     (the last layer's output already is), so both models are compared at the scale their `lm_head` sees.
 
-    The projection belongs to the trainer: it is an extra optimizer parameter group, saved as
-    `checkpoint-*/minitron_projection.safetensors` and restored on resume; the saved student is a stock model. After
+    The projection belongs to the trainer: it has its own optimizer on the student's LR schedule (the engines' optimizers
+    only hold the student's shards), saved with its weights as `checkpoint-*/minitron_projection.safetensors` and
+    `minitron_projection_optimizer.pt` and restored on resume under every engine; the saved student is a stock model. After
     `train()` neither model carries an instance-level `forward` patch added by TRL or accelerate, so copies of them
     (how further students are pruned) run their own weights.
 
@@ -211,7 +228,9 @@ class DistillationTrainer(SFTTrainer):
             processing_class = self._check_tokenizers(model, teacher_model, teacher_dir, processing_class)
             # Post-head logit transforms (registry data), verified against each model's own `.logits` on 4 tokens
             self.teacher_logit_transforms = resolve_logit_transforms_checked(teacher_model, "teacher", check_backbone=True)
-        student_steps = resolve_logit_transforms_checked(model, "student") if isinstance(model, nn.Module) else None
+        student_steps = (
+            resolve_logit_transforms_checked(model, "student", check_backbone=True) if isinstance(model, nn.Module) else None
+        )
         # Instance patches present now are the user's (e.g. `device_map` hooks); the ones trainers add are removed
         # when the models are handed back (see `train`)
         self._student_patches = instance_patches(model) if isinstance(model, nn.Module) else {}
@@ -243,7 +262,7 @@ class DistillationTrainer(SFTTrainer):
         else:
             self.kd_vocab_size = self._resolve_vocab(student, teacher_model)
         if student_steps is None:  # the student was a path
-            student_steps = resolve_logit_transforms_checked(student, "student")
+            student_steps = resolve_logit_transforms_checked(student, "student", check_backbone=True)
         self.student_logit_transforms = student_steps
         if self.student_logit_transforms or self.teacher_logit_transforms:
             logger.info(
@@ -256,20 +275,6 @@ class DistillationTrainer(SFTTrainer):
             self.teacher_model = None
             self.logit_cache.check_dataset(self.train_dataset, "train_dataset")
             self.logit_cache.check_dataset(self.eval_dataset, "eval_dataset")
-        else:
-            # Frozen teacher: no grads, eval mode (dropout off), prepared like TRL's GKDTrainer
-            teacher_model.requires_grad_(False)
-            teacher_model.eval()
-            if self.is_deepspeed_enabled:
-                self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-            else:
-                self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-            self.teacher_model.eval()
-        self._teacher_head_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-        # The chunked loss reads `lm_head.weight` after the backbone; running it inside the wrapper's forward keeps
-        # DDP's `prepare_for_backward` and FSDP/DeepSpeed parameter gathering consistent (as TRL does).
-        self._forward_redirection = _ForwardRedirection()
 
         # Hidden-state loss: layer pairs and the trainer-owned projection
         self.layer_pairs: list[tuple[int, int]] = []
@@ -285,6 +290,21 @@ class DistillationTrainer(SFTTrainer):
                     device=self.accelerator.device, dtype=torch.float32
                 )
             logger.info(f"Hidden-state distillation on (student, teacher) layers {self.layer_pairs}")
+        # Its optimizer and LR schedule are built with the student's (`create_scheduler`)
+        self._projection_optimizer: torch.optim.Optimizer | None = None
+        self._projection_scheduler = None
+        check_sharding_setup(self.accelerator, args, self.projection is not None)
+
+        # Frozen teacher in eval mode, sharded like the student under FSDP2 / ZeRO-3 (see `sharding.prepare_teacher`)
+        if self.logit_cache is None:
+            self.teacher_model = prepare_teacher(self.accelerator, teacher_model)
+        self._teacher_head_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+        # The chunked loss reads `lm_head.weight` after the backbone; running it inside the wrapper's forward keeps
+        # DDP's `prepare_for_backward` and DeepSpeed's parameter gathering consistent (as TRL does). An FSDP2 student
+        # is its own wrapper: the loss calls it directly (see `_run_distill_loss`).
+        self._forward_redirection = _ForwardRedirection()
+
         # Dynamic α: the value of the current optimizer step, and the running [logit, hidden] loss sums of the step
         self._alpha: float | None = None
         self._alpha_totals = torch.zeros(2, dtype=torch.float64)
@@ -331,8 +351,8 @@ class DistillationTrainer(SFTTrainer):
         return processing_class
 
     def _resolve_vocab(self, student: nn.Module, teacher: nn.Module) -> int:
-        s_rows = output_head(student, "student").weight.shape[0]
-        t_rows = output_head(teacher, "teacher").weight.shape[0]
+        s_rows = param_shape(output_head(student, "student").weight)[0]
+        t_rows = param_shape(output_head(teacher, "teacher").weight)[0]
         if s_rows == t_rows:
             return s_rows
         tok = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -352,19 +372,39 @@ class DistillationTrainer(SFTTrainer):
         )
 
     # ------------------------------------------------------------------------------------------ optimizer/ckpting
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        if self.projection is not None:
-            params = list(self.projection.parameters())
-            present = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if not any(id(p) in present for p in params):
-                lr = self.args.projection_learning_rate or self.args.learning_rate
-                optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
-        return optimizer
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The student's LR scheduler ([`~transformers.Trainer.create_scheduler`]), and the hidden-state projection's
+        optimizer and scheduler: the optimizer of `args.optim` (AdamW when it cannot be built for a lone linear map),
+        at `projection_learning_rate` (default `learning_rate`), no weight decay, on the same schedule. Called once the
+        student's optimizer is final, under every engine."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.projection is not None and self._projection_optimizer is None:
+            from transformers import Trainer
+            from transformers.optimization import get_scheduler
+
+            lr = self.args.projection_learning_rate or self.args.learning_rate
+            groups = [{"params": list(self.projection.parameters()), "weight_decay": 0.0}]
+            try:
+                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
+                self._projection_optimizer = cls(groups, **{**kwargs, "lr": lr})
+            except Exception as err:  # noqa: BLE001 - optimizers that need the whole model (GaLore, LOMO, ...)
+                logger.info(f"`optim={self.args.optim}` cannot train the projection alone ({err}); using AdamW.")
+                self._projection_optimizer = torch.optim.AdamW(
+                    groups, lr=lr, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon
+                )
+            self._projection_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=self._projection_optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+        return scheduler
 
     def _save_checkpoint(self, model, trial):
         # Trainer-owned state goes in first: `Trainer` writes `trainer_state.json` last, so a checkpoint that has it is
-        # complete, projection and α included, even if the process is killed mid-save.
+        # complete, projection and α included, even if the process is killed mid-save. The projection is replicated
+        # on every rank (its gradients are averaged), so the main process writes it under every engine.
         if self.args.should_save and (self.projection is not None or self._alpha is not None):
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             output_dir = os.path.join(self._get_output_dir(trial=trial), folder)
@@ -374,15 +414,27 @@ class DistillationTrainer(SFTTrainer):
 
                 state = {k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
                 save_file(state, os.path.join(output_dir, PROJECTION_FILE))
+                if self._projection_optimizer is not None:
+                    torch.save(
+                        {
+                            "optimizer": self._projection_optimizer.state_dict(),
+                            "scheduler": self._projection_scheduler.state_dict(),
+                        },
+                        os.path.join(output_dir, PROJECTION_OPTIMIZER_FILE),
+                    )
             if self._alpha is not None:
                 with open(os.path.join(output_dir, STATE_FILE), "w") as f:
                     json.dump({"hidden_state_alpha": self._alpha}, f)
         super()._save_checkpoint(model, trial)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_projection(resume_from_checkpoint)
-        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Called on resume under every engine (plain, DDP, FSDP2, DeepSpeed), after the student's weights are loaded
+        # and every optimizer exists.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        self._load_projection(checkpoint)
+        path = os.path.join(checkpoint, STATE_FILE)
         if self._dynamic_alpha and os.path.isfile(path):
             with open(path) as f:
                 self._alpha = json.load(f)["hidden_state_alpha"]
@@ -396,7 +448,25 @@ class DistillationTrainer(SFTTrainer):
             return
         from safetensors.torch import load_file
 
-        self.projection.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+        self.projection.load_state_dict(load_file(path))  # copied onto the projection's device
+        path = os.path.join(checkpoint, PROJECTION_OPTIMIZER_FILE)
+        if self._projection_optimizer is not None and os.path.isfile(path):
+            state = torch.load(path, map_location="cpu", weights_only=True)  # moved to the parameters' device
+            self._projection_optimizer.load_state_dict(state["optimizer"])
+            self._projection_scheduler.load_state_dict(state["scheduler"])
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """[`~transformers.Trainer.save_model`], and under FSDP2 with `SHARDED_STATE_DICT` checkpoints (where
+        `Trainer` writes nothing here) the full student gathered into a stock `save_pretrained` folder. Checkpoints
+        (`_internal_call`) keep the engine's own sharded format."""
+        if _internal_call or not (self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+                self.accelerator.state.fsdp_plugin.state_dict_type)):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state_dict = self.accelerator.get_state_dict(self.model)  # every rank joins the gather; rank 0 keeps it
+        self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # ------------------------------------------------------------------------------------------------- training
     def train(self, *args, **kwargs):
@@ -427,11 +497,10 @@ class DistillationTrainer(SFTTrainer):
         """α = L_logits / L_hidden over the whole first optimizer step (every micro-batch, every rank), by one extra
         forward without gradients; later steps take α from the previous step's totals at no cost."""
         model = self.model_wrapped
-        unwrapped = self.accelerator.unwrap_model(model)
         totals = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
         for batch in batch_samples:
             inputs = self._prepare_inputs(batch)
-            _, _, stats = self._forward_redirection(model, unwrapped, self._distill_loss, unwrapped, inputs, num_items_in_batch)
+            _, _, stats = self._run_distill_loss(model, inputs, num_items_in_batch)
             totals += self._loss_sums(stats).to(totals.device)
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
@@ -451,10 +520,7 @@ class DistillationTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        unwrapped = self.accelerator.unwrap_model(model)
-        logit_loss, hs_loss, stats = self._forward_redirection(
-            model, unwrapped, self._distill_loss, unwrapped, inputs, num_items_in_batch
-        )
+        logit_loss, hs_loss, stats = self._run_distill_loss(model, inputs, num_items_in_batch)
         loss = logit_loss
         alpha = torch.zeros((), device=logit_loss.device)
         if hs_loss is not None:
@@ -491,24 +557,62 @@ class DistillationTrainer(SFTTrainer):
             metrics["num_tokens"] = [self._total_train_tokens]
         return (loss, None) if return_outputs else loss
 
+    def _run_distill_loss(self, model: nn.Module, inputs: dict, num_items_in_batch):
+        """`_distill_loss` inside the student wrapper's forward: DDP's `prepare_for_backward`, FSDP2's root hooks (an
+        FSDP2 student is its own wrapper) and DeepSpeed's parameter fetching all run as for a plain forward, while the
+        loss calls the backbone and reads `lm_head.weight` itself (as TRL's fused losses do)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return self._forward_redirection(model, unwrapped, self._distill_loss, unwrapped, inputs, num_items_in_batch)
+
     def _teacher_head(self, device: torch.device, stack: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher head's weight and bias on the student head's `device`. The teacher is frozen, so a head on
-        another device is copied once and kept; a sharded one (FSDP, ZeRO-3) is gathered for the step."""
+        another device is copied once and kept; a sharded one (FSDP2 `DTensor`, ZeRO-3 partition) is gathered once
+        for this forward (`stack` releases a ZeRO-3 gather)."""
         if self._teacher_head_cache is not None:
             return self._teacher_head_cache
         head = output_head(self.accelerator.unwrap_model(self.teacher_model), "teacher")
-        sharded = any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in head.parameters())
-        if sharded:
-            stack.enter_context(self._gathered(head))
-            w, b = _full_param(head.weight), _full_param(getattr(head, "bias", None))
-            return w.to(device), (b.to(device) if b is not None else None)
-        w, b = head.weight.detach(), getattr(head, "bias", None)
-        b = b.detach() if b is not None else None
+        w, b = head.weight, getattr(head, "bias", None)
+        if is_sharded(w):
+            stack.enter_context(gathered(w, b))
+            w, b = full_weight(w), full_weight(b)
+            return w.detach().to(device), (b.detach().to(device) if b is not None else None)
+        w, b = w.detach(), (b.detach() if b is not None else None)
         if w.device != device:
             logger.info(f"Keeping a copy of the teacher's `lm_head` on {device} (the teacher's is on {w.device}).")
             w, b = w.to(device), (b.to(device) if b is not None else None)
             self._teacher_head_cache = (w, b)
         return w, b
+
+    @staticmethod
+    def _backbone_states(model: nn.Module, model_inputs: dict, all_layers: bool) -> tuple[torch.Tensor, ...]:
+        """The backbone's hidden states: `(embeddings, layer 1, ..., last)` with `all_layers`, else `(last,)`; the last
+        is post final norm, the input of `lm_head` (checked at construction). The head itself is not run."""
+        out = _base(model).base_model(**model_inputs, output_hidden_states=all_layers)
+        return tuple(out.hidden_states) if all_layers else (out.last_hidden_state,)
+
+    def _teacher_pass(
+        self, teacher: nn.Module, model_inputs: dict, layers: list[int]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """The teacher's part of a step, run inside its wrapper's forward (FSDP2 / ZeRO-3 gather its layers as in a
+        plain forward): `(last hidden state, {layer: post-norm state of that layer}, head)`. `head` is the `lm_head`
+        weight and bias of an FSDP2 teacher, read (and copied) while its unit is gathered for the final norm, so the
+        step gathers it once; `None` for other teachers (see `_teacher_head`)."""
+        states = self._backbone_states(teacher, model_inputs, all_layers=bool(layers))
+        normed: dict[int, torch.Tensor] = {}
+        if layers:
+            norm, last = final_norm(teacher), len(states) - 1
+            for t in layers:  # "post-norm": the final norm on a layer's output (the last one already has it)
+                h = states[t + 1]
+                normed[t] = norm(h) if t + 1 < last and norm is not None else h
+        head = None
+        if is_fsdp(self.accelerator):
+            module = output_head(teacher, "teacher")
+            w, b = module.weight, getattr(module, "bias", None)
+            # A DTensor (unit resharded) is gathered here; a gathered unit's plain tensors are freed when the
+            # forward returns, so they are copied.
+            w, b = (full_weight(x) if is_sharded(x) else x.detach().clone() if x is not None else None for x in (w, b))
+            head = (w, b)
+        return states[-1], normed, head
 
     def _distill_loss(
         self, student: nn.Module, inputs: dict, num_items_in_batch
@@ -529,20 +633,18 @@ class DistillationTrainer(SFTTrainer):
         mask = targets != -100  # [B, T']
         num_valid = mask.sum()
 
-        # Student: all hidden states, logits only for one position (the fused loss makes the rest chunk by chunk)
-        s_out = student(**model_inputs, output_hidden_states=True, logits_to_keep=1)
-        s_last = s_out.hidden_states[-1][:, cut]  # [B, T', Hs], post final norm
-
+        # Both backbones, no head: the fused loss makes the logits chunk by chunk from the `lm_head` weights. The
+        # teacher runs through its own wrapper too, so FSDP2 / ZeRO-3 gather its layers as in a plain forward.
+        s_states = self._backbone_states(student, model_inputs, want_hidden)
+        s_last = s_states[-1][:, cut]  # [B, T', Hs], post final norm
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         self.teacher_model.eval()
+        t_layers = sorted({t for _, t in self.layer_pairs}) if want_hidden else []
         with torch.no_grad():
-            if want_hidden:
-                t_out = self.teacher_model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
-                t_states = t_out.hidden_states
-            else:
-                # Backbone only: no need to keep every layer's states
-                t_states = (_base(teacher).base_model(**model_inputs).last_hidden_state,)
-        t_last = t_states[-1][:, cut]
+            t_last, t_normed, t_head = self._forward_redirection(
+                self.teacher_model, teacher, self._teacher_pass, teacher, model_inputs, t_layers
+            )
+        t_last = t_last[:, cut]
 
         s_head = output_head(student, "student")
         device = s_head.weight.device
@@ -550,15 +652,20 @@ class DistillationTrainer(SFTTrainer):
         if torch.is_tensor(normalizer):
             normalizer = normalizer.to(device)
 
+        # Each head is gathered once here when sharded (ZeRO-3: for the duration of the loss, whose forward computes
+        # the student head's gradient; FSDP2: one differentiable `full_tensor()`)
         with contextlib.ExitStack() as stack:
-            t_w, t_b = self._teacher_head(device, stack)
+            s_w, s_b = s_head.weight, getattr(s_head, "bias", None)
+            stack.enter_context(gathered(s_w, s_b))
+            t_w, t_b = t_head if t_head is not None else self._teacher_head(device, stack)
+            t_w, t_b = t_w.to(device), (t_b.to(device) if t_b is not None else None)
             logit_loss, (kd_sum, ce_sum, _) = fused_linear_kd_loss(
                 s_last.to(device),
-                _full_param(s_head.weight),
+                full_weight(s_w, s_last.dtype),
                 t_last.to(device),
                 t_w,
                 mask.to(device),
-                student_bias=_full_param(getattr(s_head, "bias", None)),
+                student_bias=full_weight(s_b, s_last.dtype),
                 teacher_bias=t_b,
                 targets=targets.to(device).clamp(min=0),
                 kd_loss=args.kd_loss,
@@ -577,18 +684,14 @@ class DistillationTrainer(SFTTrainer):
         hs_loss = None
         hs_sum = torch.zeros((), device=device)
         if want_hidden:
-            s_states, s_norm = s_out.hidden_states, final_norm(student)
-            t_norm = final_norm(teacher)
-            Ls, Lt = len(s_states) - 1, len(t_states) - 1
+            s_norm = final_norm(student)
+            Ls = len(s_states) - 1
             hs_loss = 0.0
             for s_idx, t_idx in self.layer_pairs:
                 h_s = s_states[s_idx + 1]
                 if s_idx + 1 < Ls and s_norm is not None:  # the last state already went through the final norm
                     h_s = s_norm(h_s)
-                with torch.no_grad():
-                    h_t = t_states[t_idx + 1]
-                    if t_idx + 1 < Lt and t_norm is not None:
-                        h_t = t_norm(h_t)
+                h_t = t_normed[t_idx]
                 hs_loss = hs_loss + hidden_state_loss(
                     h_s[:, cut].to(device),
                     h_t[:, cut].to(device),
@@ -603,17 +706,6 @@ class DistillationTrainer(SFTTrainer):
 
         stats = torch.stack([num_valid.to(device).float(), kd_sum.float(), ce_sum.float(), hs_sum.float()]).detach()
         return logit_loss, hs_loss, stats
-
-    @contextlib.contextmanager
-    def _gathered(self, module: nn.Module):
-        """Gathers a ZeRO-3-partitioned teacher module's parameters for direct weight access."""
-        if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in module.parameters()):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                yield
-        else:
-            yield
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Only the loss: the fused loss never builds the logits
