@@ -409,6 +409,7 @@ def _run_stage(item: PlannedStage, ctx: StageContext, synchronize: bool) -> dict
     if stage.cached and outputs is not None and ctx.is_main_process:
         with staged_dir(stage.folder(ctx), overwrite=True, what=f"{stage.name} folder") as tmp:
             stage.save(ctx, outputs, tmp)
+            seconds = time.perf_counter() - start  # saving is part of the work (the export stage writes the model there)
             _write_record(item, outputs, tmp, seconds)
             kill_point(f"{stage.name}:saved")
     if synchronize:
