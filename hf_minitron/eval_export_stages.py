@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_write_json
 from .cloze import CLOZE_TASK_NAME, build_cloze_examples
+from .distillation.sharding import whole_model_loading
 from .logging import get_logger
 from .stages import Stage
 
@@ -371,7 +372,10 @@ def check_transformers_reload(folder: str, model, tokenizer, trust_remote_code: 
     from . import __version__
 
     dtype = next(model.parameters()).dtype
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    # Main process only: under ZeRO-3 arguments a plain `from_pretrained` would enter `zero.Init`, whose collectives
+    # wait for the other ranks (a deadlock); the stock load a user does is the whole model.
+    with whole_model_loading():
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     device = next(model.parameters()).device
     reloaded.to(device).eval()
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 64

@@ -323,13 +323,16 @@ def gguf_round_trip(
     gguf_path = os.path.abspath(os.fspath(gguf_path))
     folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
     texts = list(texts or [_PROBE_TEXT])
+    from .distillation.sharding import whole_model_loading
+
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_dir))
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the GGUF loader's per-tensor progress is noise here
     try:
         gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        reference = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), dtype=torch.float32).eval()
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        with whole_model_loading():  # main process only: never `zero.Init` under ZeRO-3 arguments (see sharding)
+            reference = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), dtype=torch.float32).eval()
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     finally:
         logging.set_verbosity(verbosity)
     dlogit, scale, same_tokens, agree, positions = 0.0, 0.0, True, 0, 0

@@ -217,6 +217,27 @@ def _project(
     return logits, d_tensor, d_scalar
 
 
+
+def save_head_grads(ctx, grad_h, grad_w, grad_b, s_w, s_b, normalizer) -> None:
+    """Keep the chunk loop's unscaled input/weight/bias gradients (and 1/normalizer) for `scaled_head_grads`."""
+    inv = 1.0 / normalizer
+    ctx.save_for_backward(
+        grad_h,
+        grad_w.to(s_w.dtype) if grad_w is not None else None,
+        grad_b.to(s_b.dtype) if grad_b is not None else None,
+        inv.detach() if torch.is_tensor(inv) else torch.tensor(inv),
+    )
+
+
+def scaled_head_grads(ctx, grad_total) -> tuple:
+    """`(grad_h, grad_w, grad_b)` of a fused head loss: the saved gradients times `grad_total / normalizer`."""
+    grad_h, grad_w, grad_b, inv = ctx.saved_tensors
+    scale = grad_total * inv
+    grad_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+    grad_w = grad_w * scale.to(grad_w.dtype) if grad_w is not None else None
+    grad_b = grad_b * scale.to(grad_b.dtype) if grad_b is not None else None
+    return grad_h, grad_w, grad_b
+
 class _FusedLinearKD(torch.autograd.Function):
     """Chunked fused `lm_head` + divergence (+ optional cross-entropy). Gradients are computed in forward."""
 
@@ -307,24 +328,13 @@ class _FusedLinearKD(torch.autograd.Function):
 
         kd_sum = kd_sum * tau**2
         total = (kd_weight * kd_sum + ce_weight * ce_sum) / normalizer
-        inv = 1.0 / normalizer
-        ctx.save_for_backward(
-            grad_h,
-            grad_w.to(s_w.dtype) if grad_w is not None else None,
-            grad_b.to(s_b.dtype) if grad_b is not None else None,
-            inv.detach() if torch.is_tensor(inv) else torch.tensor(inv),
-        )
+        save_head_grads(ctx, grad_h, grad_w, grad_b, s_w, s_b, normalizer)
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         return total, kd_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        grad_h, grad_w, grad_b, inv = ctx.saved_tensors
-        scale = grad_total * inv
-        grad_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
-        grad_w = grad_w * scale.to(grad_w.dtype) if grad_w is not None else None
-        grad_b = grad_b * scale.to(grad_b.dtype) if grad_b is not None else None
-        return (grad_h, grad_w, grad_b) + (None,) * 13
+        return scaled_head_grads(ctx, grad_total) + (None,) * 13
 
 
 def fused_linear_kd_loss(

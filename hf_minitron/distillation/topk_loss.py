@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .losses import _log_softmax_, _logsumexp_rows, _project, _steps
+from .losses import _log_softmax_, _logsumexp_rows, _project, _steps, save_head_grads, scaled_head_grads
 
 
 __all__ = ["fused_linear_topk_kd_loss", "topk_kd_loss_from_logits", "renormalize_topk"]
@@ -166,24 +166,13 @@ class _FusedLinearTopKKD(torch.autograd.Function):
                 del g
 
         total = (kd_weight * kd_sum + ce_weight * ce_sum) / normalizer
-        inv = 1.0 / normalizer
-        ctx.save_for_backward(
-            grad_h,
-            grad_w.to(s_w.dtype) if grad_w is not None else None,
-            grad_b.to(s_b.dtype) if grad_b is not None else None,
-            inv.detach() if torch.is_tensor(inv) else torch.tensor(inv),
-        )
+        save_head_grads(ctx, grad_h, grad_w, grad_b, s_w, s_b, normalizer)
         ctx.mark_non_differentiable(kd_sum, ce_sum)
         return total, kd_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        grad_h, grad_w, grad_b, inv = ctx.saved_tensors
-        scale = grad_total * inv
-        grad_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
-        grad_w = grad_w * scale.to(grad_w.dtype) if grad_w is not None else None
-        grad_b = grad_b * scale.to(grad_b.dtype) if grad_b is not None else None
-        return (grad_h, grad_w, grad_b) + (None,) * 9
+        return scaled_head_grads(ctx, grad_total) + (None,) * 9
 
 
 def fused_linear_topk_kd_loss(
