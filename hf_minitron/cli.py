@@ -176,17 +176,20 @@ def _save_scores(scores, path: str) -> None:
 
 def _importance(argv: list[str], save: bool = True):
     from .atomic import run_on_main_process
-    from .config import MinitronPruneConfig
+    from .config import TARGET_FIELDS, MinitronPruneConfig
     from .data import pack_texts
     from .importance import ImportanceScores, estimate_importance
 
     data, prune_args, config, remote = _parse((CommandDataArguments, PruneCommandArguments, MinitronPruneConfig, RemoteCodeArguments), argv)
+    if not save and all(getattr(config, k) is None for k in TARGET_FIELDS) and not config.layers_to_drop:
+        raise ValueError("Nothing to prune: set at least one of " + ", ".join(TARGET_FIELDS) + " or layers_to_drop.")
     state = _setup()
     model, tokenizer, train, _ = _texts_and_model(data, remote.trust_remote_code)
     if prune_args.importance:
         scores = ImportanceScores.load(prune_args.importance)
     else:
-        calibration = pack_texts(train, tokenizer, data.seq_length, config.num_calibration_samples)
+        n = config.num_calibration_samples if data.max_samples is None else min(config.num_calibration_samples, data.max_samples)
+        calibration = pack_texts(train, tokenizer, data.seq_length, n)
         scores = estimate_importance(model, calibration, config, show_progress=state.is_main_process)  # sharded
         if save:
             run_on_main_process(_save_scores, scores, prune_args.output)

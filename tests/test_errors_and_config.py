@@ -129,3 +129,21 @@ def test_save_refuses_non_empty_directory_and_leaves_no_partial_output(tmp_path,
         save_pruned_model(model, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left behind
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ({"hidden_size": 4096}, "larger than the source"),
+        ({"num_attention_heads": 3}, "multiple of num_key_value_heads"),
+        ({"num_experts": 2}, "num_experts"),
+    ],
+)
+def test_bad_target_fails_before_the_importance_pass(target, message):
+    """A target pruning would refuse is refused by `estimate_importance` before any forward pass (the costly part)."""
+    model = tiny_llama()
+    calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        estimate_importance(model, random_batches(model.config.vocab_size, num=2), MinitronPruneConfig(**target))
+    assert calls == []

@@ -530,6 +530,9 @@ def estimate_importance(
     """
     config = config or MinitronPruneConfig()
     layout = check_prunable_model(model)
+    from ..pruning.plan import check_target  # pruning imports this package
+
+    check_target(model, config, layout)  # a target pruning would refuse fails now, before the pass
     batches = _calibration_batches(model, calibration_data, config, tokenizer)
     if not batches:
         raise ValueError(

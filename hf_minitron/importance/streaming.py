@@ -189,6 +189,9 @@ def estimate_importance_streaming(
     if on_meta and checkpoint is None:
         raise ValueError("The model has weights on the meta device: pass `checkpoint=` (a local safetensors folder).")
     layout = get_layout(model) if on_meta else check_prunable_model(model)
+    from ..pruning.plan import check_target  # pruning imports this package
+
+    check_target(model, config, layout)  # a target pruning would refuse fails now, before the pass
     weights = _checkpoint_index(checkpoint) if on_meta else None
     dtype = next(iter(model.parameters())).dtype
     batches = _calibration_batches(model, calibration_data, config, tokenizer)

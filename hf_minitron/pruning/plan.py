@@ -358,6 +358,14 @@ def _check_scores(scores: ImportanceScores, source: dict[str, int], parts: list[
         )
 
 
+def check_target(model, config: MinitronPruneConfig, layout: ArchitectureLayout) -> dict[str, int]:
+    """:func:`resolve_target_sizes` for ``model``: every target check that needs no scores, so that a bad target
+    fails before the importance pass (the expensive part) rather than at pruning time."""
+    source = layout.read_sizes(model.config)
+    parts = [layout.layer_parts(layer) for layer in layout.decoder_layers(model)]
+    return resolve_target_sizes(source, config, layout, parts)
+
+
 def make_plan(
     config: MinitronPruneConfig,
     source: dict[str, int],
