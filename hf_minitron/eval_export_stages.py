@@ -372,8 +372,8 @@ def check_transformers_reload(folder: str, model, tokenizer, trust_remote_code: 
     from . import __version__
 
     dtype = next(model.parameters()).dtype
-    # Main process only: under ZeRO-3 arguments a plain `from_pretrained` would enter `zero.Init`, whose collectives
-    # wait for the other ranks (a deadlock); the stock load a user does is the whole model.
+    # Main process only: under ZeRO-3 arguments a plain `from_pretrained` would enter `zero.Init` and `generate` would
+    # sync every step with the other ranks, whose collectives never come (a deadlock); a user's stock load is whole.
     with whole_model_loading():
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     device = next(model.parameters()).device
@@ -385,7 +385,7 @@ def check_transformers_reload(folder: str, model, tokenizer, trust_remote_code: 
     try:
         with torch.inference_mode():
             expected, got = model(ids).logits.float(), reloaded(ids).logits.float()  # [1, seq, vocab]
-            generated = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+            generated = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, synced_gpus=False,
                                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     finally:
         model.train(was_training)

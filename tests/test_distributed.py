@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -33,13 +34,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
+def _run(cmd: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a multi-process launcher in its own process group: on a timeout (a hang in a collective) every worker is
+    killed, not only the launcher, and the failure shows what the workers printed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[2:4]} hung for {timeout} s (killed):\n{out[-3000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _launch(engine: str, out) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if engine == "zero3":
         env["DS_ACCELERATOR"] = "cpu"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "_sharded_distill_worker.py"), engine, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = _run(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -135,7 +149,7 @@ def _launch_recipe(engine: str, model_dir: str, corpus: str, out: str) -> subpro
            os.path.join(HERE, "_recipe_sharded_worker.py"),
            *recipe_flags(model_dir, corpus, out, max_steps=4, save_steps=2, hidden_state_loss="cosine",
                          teacher_correction=True, teacher_correction_steps=2)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return _run(cmd, env)
 
 
 @pytest.mark.distributed
