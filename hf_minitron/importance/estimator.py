@@ -7,7 +7,9 @@ One pass over the calibration data with forward hooks gives, with no gradients a
 * hidden:  ``|y_c|`` per channel of the activations on the hidden axis, recorded per site: every norm's output (with
   its role, see :data:`~hf_minitron.architectures.layout.NORM_ROLES`), the input of each sublayer that has no
   pre-norm, and each layer's output (the residual stream). Which sites make the hidden score is chosen at pruning
-  time (``MinitronPruneConfig.hidden_importance_source``); see :meth:`ImportanceScores.hidden_scores`.
+  time (``MinitronPruneConfig.hidden_importance_source``, default ``"matmul_inputs"``: what the hidden-reading matmuls
+  see, i.e. the papers' LayerNorm activations on pre-norm models, never Gemma's post-sublayer norms; chosen by
+  measurement on SmolLM2-135M and Gemma-3-270M, docs/results.md); see :meth:`ImportanceScores.hidden_scores`.
 * experts: per routed expert, the routing-weighted output norm, routing weight and routing frequency, and per expert
   neuron ``|w * a|`` (``a``: the expert's ``down_proj`` input), from the tokens routed to it (see
   :mod:`~hf_minitron.importance.blocks`); shared-expert neurons like MLP neurons,
