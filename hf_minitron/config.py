@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from transformers.utils import PushToHubMixin
@@ -193,6 +193,11 @@ class MinitronPruneConfig(PushToHubMixin):
         if unknown:
             raise ValueError(f"Unknown MinitronPruneConfig field(s) {unknown}; valid fields are {sorted(known)}.")
         return cls(**data)
+
+    def without_targets(self) -> "MinitronPruneConfig":
+        """This config's selection settings with no target sizes: what an importance pass needs when the target is
+        chosen later (architecture search), so that no target check applies."""
+        return replace(self, **{name: None for name in TARGET_FIELDS}, layers_to_drop=None)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> str:
         """Write the config as ``minitron_prune_config.json`` in ``save_directory`` (atomically); returns the file.

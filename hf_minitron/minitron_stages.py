@@ -427,7 +427,10 @@ class ImportanceStage(Stage):
 
     def run(self, ctx: RecipeContext, inputs) -> dict[str, Any]:
         show = ctx.is_main_process and progress_enabled()
-        return {"importance": estimate_importance(inputs["teacher"], inputs["calibration"], ctx.prune_config, show_progress=show)}
+        config = ctx.prune_config
+        if ctx.args.search:  # the search picks the shape later: the config's sizes are not a target to check now
+            config = config.without_targets()
+        return {"importance": estimate_importance(inputs["teacher"], inputs["calibration"], config, show_progress=show)}
 
     def save(self, ctx, outputs, folder) -> None:
         outputs["importance"].save(os.path.join(folder, SCORES_NAME))

@@ -283,7 +283,7 @@ def search_architectures(
                 "keeps decides its size: pass `importance=estimate_importance(model, ...)` or `calibration_data=`, or fix "
                 "the depth (`search_space={'num_hidden_layers': [%d]}` or the 'width' preset)." % source["num_hidden_layers"]
             )
-        importance = estimate_importance(model, calibration_data, base_config, tokenizer=tokenizer)
+        importance = estimate_importance(model, calibration_data, base_config.without_targets(), tokenizer=tokenizer)
     counter.prepare(shapes)
     axes = search_axes(source)
     targets = _Targets(target, active_target, float(tolerance))
@@ -356,7 +356,7 @@ def search_architectures(
         if importance is None and needs_scores:
             if calibration_data is None:
                 raise ValueError("Pass `importance=estimate_importance(model, ...)` or `calibration_data=` to prune candidates.")
-            importance = estimate_importance(model, calibration_data, base_config, tokenizer=tokenizer)
+            importance = estimate_importance(model, calibration_data, base_config.without_targets(), tokenizer=tokenizer)
         grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
         was_training = model.training
         try:
