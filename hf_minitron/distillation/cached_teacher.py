@@ -64,17 +64,10 @@ def student_vocab(cache: TeacherLogitCache, student: nn.Module, processing_class
 def cached_distill_loss(trainer, student: nn.Module, inputs: dict, num_items_in_batch) -> tuple[torch.Tensor, None, torch.Tensor]:
     """`(logit_loss, None, stats)` of one batch against the cached teacher; the same contract as the trainer's
     `_distill_loss` (runs inside the student wrapper's forward)."""
-    from .trainer import _NON_MODEL_KEYS  # the trainer imports this module
+    from .trainer import loss_normalizer, next_token_batch  # the trainer imports this module
 
     args = trainer.args
-    model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-    model_inputs["use_cache"] = False
-    if "shift_labels" in inputs:
-        targets, cut = inputs["shift_labels"], slice(None)
-    else:
-        targets, cut = inputs["labels"][:, 1:], slice(None, -1)
-    mask = targets != -100  # [B, T']
-    num_valid = mask.sum()
+    model_inputs, targets, cut, mask, num_valid = next_token_batch(inputs)
 
     s_last = trainer._backbone_states(student, model_inputs, False)[-1][:, cut]  # [B, T', Hs], post final norm
 
@@ -87,9 +80,7 @@ def cached_distill_loss(trainer, student: nn.Module, inputs: dict, num_items_in_
 
     s_head = output_head(student, "student")
     device = s_head.weight.device
-    normalizer = num_items_in_batch if num_items_in_batch is not None else num_valid.clamp(min=1)
-    if torch.is_tensor(normalizer):
-        normalizer = normalizer.to(device)
+    normalizer = loss_normalizer(num_items_in_batch, num_valid, device)
     # The student head is gathered once when sharded (as in the live-teacher loss)
     with contextlib.ExitStack() as stack:
         s_w, s_b = s_head.weight, getattr(s_head, "bias", None)

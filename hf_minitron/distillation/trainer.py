@@ -55,6 +55,26 @@ _NON_MODEL_KEYS = ("labels", "shift_labels", "completion_mask", "assistant_masks
 _base = base_model
 
 
+
+def next_token_batch(inputs: dict) -> tuple[dict, torch.Tensor, slice, torch.Tensor, torch.Tensor]:
+    """`(model_inputs, targets [B, T'], cut, mask [B, T'], num_valid)` of a batch: the model's own inputs (no cache)
+    and the next-token targets from SFT's labels (-100 = padding, prompt or non-assistant tokens); `cut` selects the
+    positions of the hidden states that predict them."""
+    model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+    model_inputs["use_cache"] = False
+    if "shift_labels" in inputs:
+        targets, cut = inputs["shift_labels"], slice(None)
+    else:
+        targets, cut = inputs["labels"][:, 1:], slice(None, -1)
+    mask = targets != -100
+    return model_inputs, targets, cut, mask, mask.sum()
+
+
+def loss_normalizer(num_items_in_batch, num_valid: torch.Tensor, device: torch.device):
+    """What a summed loss is divided by: the Trainer's token count over the whole accumulated step when given."""
+    normalizer = num_items_in_batch if num_items_in_batch is not None else num_valid.clamp(min=1)
+    return normalizer.to(device) if torch.is_tensor(normalizer) else normalizer
+
 class _DistillationStepCallback(TrainerCallback):
     """Per-optimizer-step bookkeeping of what lives outside the (DDP/FSDP/DeepSpeed-wrapped) student.
 
@@ -622,16 +642,7 @@ class DistillationTrainer(SFTTrainer):
             return cached_distill_loss(self, student, inputs, num_items_in_batch)
         args = self.args
         want_hidden = args.hidden_state_loss != "none"
-        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_inputs["use_cache"] = False
-
-        # Next-token mask from SFT's labels (-100 = padding, prompt or non-assistant tokens)
-        if "shift_labels" in inputs:
-            targets, cut = inputs["shift_labels"], slice(None)
-        else:
-            targets, cut = inputs["labels"][:, 1:], slice(None, -1)
-        mask = targets != -100  # [B, T']
-        num_valid = mask.sum()
+        model_inputs, targets, cut, mask, num_valid = next_token_batch(inputs)
 
         # Both backbones, no head: the fused loss makes the logits chunk by chunk from the `lm_head` weights. The
         # teacher runs through its own wrapper too, so FSDP2 / ZeRO-3 gather its layers as in a plain forward.
@@ -648,9 +659,7 @@ class DistillationTrainer(SFTTrainer):
 
         s_head = output_head(student, "student")
         device = s_head.weight.device
-        normalizer = num_items_in_batch if num_items_in_batch is not None else num_valid.clamp(min=1)
-        if torch.is_tensor(normalizer):
-            normalizer = normalizer.to(device)
+        normalizer = loss_normalizer(num_items_in_batch, num_valid, device)
 
         # Each head is gathered once here when sharded (ZeRO-3: for the duration of the loss, whose forward computes
         # the student head's gradient; FSDP2: one differentiable `full_tensor()`)
